@@ -1,0 +1,510 @@
+"""Adam inside a moving low-rank subspace, with moment rotation and recovery scaling.
+
+:func:`scale_by_subspace_adam` is the building block of every optimizer in
+grassjax. For each projected parameter it keeps an orthonormal basis ``S``
+``(m, r)`` and runs Adam on the projected gradient ``S^T G`` ``(r, n)``; a
+:class:`~grassjax.subspace.SubspaceRule` moves ``S`` every ``update_interval``
+steps. The two components of "Principled Randomized Exploration of Gradient
+Subspaces for Efficient LLM Training" (Appendix A) are switches:
+
+* ``adaptive_optimizer`` (AO): rotate Adam's moments onto the new basis.
+* ``recovery_scaling`` (RS): add back the part of the gradient outside the
+  subspace, rescaled column by column, with a growth limiter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grassjax import subspace as subspace_lib
+
+# Guards the ratios of recovery scaling against zero denominators.
+_RS_EPS = 1e-8
+
+
+class MatrixDimensionNumbers(NamedTuple):
+  """Which axes of a parameter form the matrix that is projected.
+
+  Same convention as ``optax.contrib.MuonDimensionNumbers``: the matrix maps
+  the ``reduction_axis`` (inputs) to the ``output_axis`` (outputs); each may
+  be one axis or several (flattened in order). Every other axis is a *batch*
+  axis: the parameter is a stack of independent matrices (scanned layers),
+  each with its own basis, moments and recovery norm, processed by
+  ``jax.vmap`` without moving the parameter's axes.
+
+  The default, ``(-2, -1)``, makes the last two axes the matrix. An attention
+  kernel ``(d_model, heads, head_dim)`` projected as one ``d_model x
+  heads*head_dim`` matrix uses ``MatrixDimensionNumbers(0, (1, 2))``; a
+  scanned stack of them ``(layers, d_model, heads, head_dim)`` uses
+  ``MatrixDimensionNumbers(1, (2, 3))``.
+  """
+
+  reduction_axis: int | Sequence[int] = -2
+  output_axis: int | Sequence[int] = -1
+
+
+DimensionNumbersOrFn = (
+  MatrixDimensionNumbers | Any | Callable[[optax.Params], Any] | None
+)
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+
+class SubspaceAdamState(NamedTuple):
+  """State of :func:`scale_by_subspace_adam`.
+
+  For a projected parameter with batch shape ``B`` (stacked matrices) and a
+  canonical ``(m, n)`` matrix, ``m <= n``, rank ``r``:
+
+  Attributes:
+    count: ``int32`` scalar, the number of steps taken.
+    key: the PRNG key the per-leaf, per-step keys are folded from, stored as
+      raw ``uint32`` key data; ``None`` when none was given.
+    mu: first moments: ``B + (r, n)`` for projected leaves, the parameter's
+      shape otherwise.
+    nu: second moments, same shapes as ``mu``.
+    basis: ``B + (m, r)`` orthonormal bases; ``optax.MaskedNode()`` for leaves
+      that are not projected.
+    recovery_norm: ``B``-shaped ``float32`` norm of the last applied recovery
+      term (``||Lambda_{t-1}||_F``); ``optax.MaskedNode()`` for leaves that are
+      not projected or when recovery scaling is off.
+  """
+
+  count: jax.Array
+  key: jax.Array | None
+  mu: optax.Updates
+  nu: optax.Updates
+  basis: optax.Updates
+  recovery_norm: optax.Updates
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatrixLayout:
+  """Static description of how one parameter is seen as a stack of matrices."""
+
+  shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  row_axes: tuple[int, ...]  # the projected (shorter) side, in canonical order
+  col_axes: tuple[int, ...]
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def m(self) -> int:
+    return _size(self.shape, self.row_axes)
+
+  @property
+  def n(self) -> int:
+    return _size(self.shape, self.col_axes)
+
+  def _matrix_perm(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    # Positions of row/col axes once the batch axes are vmapped away.
+    rest = [a for a in range(len(self.shape)) if a not in self.batch_axes]
+    rows = tuple(rest.index(a) for a in self.row_axes)
+    cols = tuple(rest.index(a) for a in self.col_axes)
+    return rows, cols
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    """One unbatched slice of the parameter as its canonical ``(m, n)`` matrix."""
+    rows, cols = self._matrix_perm()
+    return jnp.transpose(x, rows + cols).reshape(self.m, self.n)
+
+  def from_matrix(self, x: jax.Array) -> jax.Array:
+    rows, cols = self._matrix_perm()
+    perm = rows + cols
+    sliced = tuple(self.shape[a] for a in self.row_axes + self.col_axes)
+    return jnp.transpose(
+      x.reshape(sliced), tuple(perm.index(i) for i in range(len(perm)))
+    )
+
+
+def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(a % ndim for a in axes)
+
+
+def _size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  return math.prod(shape[a] for a in axes)
+
+
+def _layout(
+  path: str, shape: tuple[int, ...], dims: MatrixDimensionNumbers
+) -> _MatrixLayout:
+  if len(shape) < 2:
+    raise ValueError(
+      f"grassjax: parameter {path} with shape {shape} is masked in for low-rank"
+      " projection but is not a matrix (ndim < 2)."
+    )
+  red = _as_axes(dims.reduction_axis, len(shape))
+  out = _as_axes(dims.output_axis, len(shape))
+  if not red or not out or set(red) & set(out) or len(set(red + out)) != len(red + out):
+    raise ValueError(
+      f"grassjax: parameter {path} with shape {shape}: reduction axes {red} and"
+      f" output axes {out} must be non-empty and disjoint ({dims})."
+    )
+  batch = tuple(a for a in range(len(shape)) if a not in red + out)
+  rows, cols = (red, out) if _size(shape, red) <= _size(shape, out) else (out, red)
+  return _MatrixLayout(tuple(shape), batch, rows, cols)
+
+
+def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
+  """Flattens an optax-style per-parameter spec (value, pytree or callable)."""
+  treedef = jax.tree.structure(params)
+  if callable(spec):
+    spec = spec(params)
+  if spec is None or isinstance(spec, (bool, MatrixDimensionNumbers)):
+    return [spec] * treedef.num_leaves
+  try:
+    return treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+      f"grassjax: `{name}` does not match the structure of the parameters:"
+      f" expected {treedef}, got {jax.tree.structure(spec, is_leaf=is_leaf)}."
+    ) from err
+
+
+def _raw_key(key: jax.Array) -> jax.Array:
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return jnp.asarray(key, jnp.uint32)
+
+
+def _adam_direction(mu, nu, count, b1, b2, eps):
+  """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` (as optax)."""
+  mu_hat = mu / (1 - b1**count).astype(mu.dtype)
+  nu_hat = nu / (1 - b2**count).astype(nu.dtype)
+  return mu_hat / (jnp.sqrt(nu_hat) + eps)
+
+
+def rotate_moments(
+  rotation: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  steps: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Rotates Adam's moments onto a new basis (the adaptive optimizer, AO).
+
+  With ``P = S_new^T S_old`` ``(r, r)``, the bias corrections of the moments as
+  they stand, ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t`` (``t = steps`` already
+  taken, ``t >= 1``), and squares taken elementwise:
+
+      M' = P M
+      V' = c2 | (P * P) (V / c2 - (M / c1)^2) + (P M / c1)^2 |
+
+  Treating ``M / c1`` and ``V / c2`` as estimates of each coordinate's mean and
+  second moment, the variance rotates with ``P * P`` and the squared rotated
+  mean is added back. ``V'`` is never negative, and ``P = I`` leaves both
+  moments unchanged. (Eq. (6) of the paper, read literally, shrinks ``V`` when
+  the basis does not move and can turn it negative.)
+
+  Args:
+    rotation: ``P``, ``(r, r)``.
+    mu: ``M``, ``(r, n)``.
+    nu: ``V``, ``(r, n)``.
+    b1: Adam's first decay rate.
+    b2: Adam's second decay rate.
+    steps: ``t``, the number of steps the moments have seen.
+
+  Returns:
+    ``(M', V')``, both ``(r, n)``.
+  """
+  c1 = 1 - b1**steps
+  c2 = 1 - b2**steps
+  mean = mu / c1
+  variance = nu / c2 - jnp.square(mean)
+  rotated_mean = rotation @ mean
+  nu_new = c2 * jnp.abs(jnp.square(rotation) @ variance + jnp.square(rotated_mean))
+  return rotated_mean * c1, nu_new
+
+
+def scale_by_subspace_adam(
+  subspace: subspace_lib.SubspaceRule,
+  *,
+  rank: int,
+  update_interval: int = 200,
+  adaptive_optimizer: bool = True,
+  recovery_scaling: bool = True,
+  zeta: float = 1.01,
+  scale: jax.typing.ArrayLike = 1.0,
+  scale_recovery: bool = True,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  key: jax.Array | None = None,
+  mask: MaskOrFn = None,
+  dimension_numbers: DimensionNumbersOrFn = None,
+  moment_dtype: jnp.dtype = jnp.float32,
+  stagger: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adam in a rank-``r`` subspace of each weight matrix's gradient.
+
+  For a projected parameter, seen as a canonical ``(m, n)`` matrix ``G`` with
+  ``m <= n`` (a matrix with ``m > n`` is handled as its transpose, so the
+  shorter side is always projected), on step ``t`` (1-based):
+
+  1. On update steps (``(t - 1) % update_interval == 0``) the basis moves:
+     ``S_t = subspace.init(G_t)`` on the first step, ``S_t =
+     subspace.update(S_{t-1}, G_t)`` later. With ``adaptive_optimizer`` the
+     moments are then rotated by :func:`rotate_moments` with ``P = S_t^T
+     S_{t-1}``; without it they are kept as they are (GaLore).
+  2. Adam on the projected gradient ``G~ = S_t^T G_t`` ``(r, n)``:
+     ``M = b1 M + (1 - b1) G~``, ``V = b2 V + (1 - b2) G~^2``,
+     ``D = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps)``.
+  3. The update is ``scale * (S_t D + Lambda)``. With ``recovery_scaling``,
+     ``Delta = G - S_t G~`` and, per column ``i``,
+     ``phi_i = ||D[:, i]|| / (||G~[:, i]|| + 1e-8)``, ``Lambda[:, i] = phi_i
+     Delta[:, i]``; if ``||Lambda|| / (||Lambda_{t-1}|| + 1e-8) > zeta`` (not on
+     the first step), ``Lambda`` is rescaled to norm ``zeta (||Lambda_{t-1}|| +
+     1e-8)``. The norm of the ``Lambda`` applied is kept for the next step.
+     Without recovery scaling, ``Lambda = 0``.
+
+  ``S_t D + Lambda`` is computed as ``S_t (D - c G~) + c G`` with ``c`` the
+  column scales, so no ``(m, n)`` buffer beyond the gradient, the update and
+  one transient product is needed. Parameters that are not projected get
+  plain Adam with the same ``b1, b2, eps`` (equal to ``optax.scale_by_adam``),
+  not multiplied by ``scale``.
+
+  The step is always the same compiled program: the step predicate is a scalar,
+  and the subspace update (an SVD, a QR, a geodesic) and the moment rotation
+  sit behind ``jax.lax.switch``, so steps that do not update pay nothing for
+  them. Random rules get their own key per parameter, per stacked matrix and
+  per step, folded from ``key``, the parameter's index and the step count.
+
+  Args:
+    subspace: the subspace rule (see :mod:`grassjax.subspace`).
+    rank: ``r``, the subspace dimension, ``>= 1``.
+    update_interval: ``T``, steps between basis updates.
+    adaptive_optimizer: rotate Adam's moments onto each new basis (AO).
+    recovery_scaling: add the rescaled out-of-subspace residual (RS).
+    zeta: growth limiter of the recovery term's norm, ``> 0``.
+    scale: multiplies the low-rank update (GaLore's ``alpha``).
+    scale_recovery: whether ``scale`` also multiplies ``Lambda`` (default).
+      ``False`` leaves it unscaled, as the papers' published code does.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's ``eps``, added outside the square root.
+    key: PRNG key (``jax.random.key`` or ``PRNGKey``); required by random rules.
+    mask: which parameters are projected: a pytree of bools matching the
+      parameters, or a callable of the parameters returning one. Default:
+      every parameter with ``ndim >= 2`` whose two matrix sizes both exceed
+      ``rank``. A masked-in parameter must have ``min(m, n) >= rank``.
+    dimension_numbers: which axes form the matrix
+      (:class:`MatrixDimensionNumbers`): one for all parameters, a pytree of
+      them (``None`` leaves take the default), or a callable of the parameters.
+      Default: the last two axes, leading axes stacked.
+    moment_dtype: dtype of ``mu`` and ``nu`` (float32; bfloat16 halves them).
+    stagger: spread the update steps of the projected parameters evenly over
+      the interval (parameter ``i`` of ``k`` updates when ``(t - 1 + i T // k)
+      % T == 0``), so a step never pays for all subspace updates at once. All
+      bases are still made on the first step.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`SubspaceAdamState`.
+
+  Raises:
+    ValueError: on a bad configuration (named parameter path and shape).
+  """
+  if not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"grassjax: rank must be an int >= 1, got {rank!r}.")
+  if not isinstance(update_interval, int) or update_interval < 1:
+    raise ValueError(
+      f"grassjax: update_interval must be an int >= 1, got {update_interval!r}."
+    )
+  if isinstance(zeta, (int, float)) and not zeta > 0:
+    raise ValueError(f"grassjax: zeta must be > 0, got {zeta!r}.")
+  if subspace.needs_key and key is None:
+    raise ValueError(
+      f"grassjax: the {subspace.name!r} subspace rule is random and needs a"
+      " PRNG key: pass key=jax.random.key(seed)."
+    )
+
+  def init_fn(params: optax.Params) -> SubspaceAdamState:
+    treedef = jax.tree.structure(params)
+    masks = _resolve_tree(mask, params, "mask")
+    dims_list = _resolve_tree(
+      dimension_numbers,
+      params,
+      "dimension_numbers",
+      is_leaf=lambda x: x is None or isinstance(x, MatrixDimensionNumbers),
+    )
+    mu, basis, rnorm = [], [], []
+    for (path, leaf), masked_in, dims in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], masks, dims_list, strict=True
+    ):
+      name, shape = jax.tree_util.keystr(path), jnp.shape(leaf)
+      dims = dims or MatrixDimensionNumbers()
+      if mask is None:
+        layout = _layout(name, shape, dims) if len(shape) >= 2 else None
+        if layout is not None and min(layout.m, layout.n) <= rank:
+          layout = None
+      elif not isinstance(masked_in, (bool, type(None))) and not (
+        hasattr(masked_in, "dtype")
+        and masked_in.dtype == bool
+        and jnp.ndim(masked_in) == 0
+      ):
+        raise ValueError(
+          f"grassjax: mask leaf for parameter {name} must be a bool, got {masked_in!r}."
+        )
+      else:
+        layout = _layout(name, shape, dims) if masked_in else None
+        if layout is not None and layout.m < rank:
+          raise ValueError(
+            f"grassjax: parameter {name} with shape {shape} has matrix"
+            f" {layout.m} x {layout.n}; rank {rank} exceeds its smaller side"
+            f" {layout.m}."
+          )
+      if layout is None:
+        mu.append(jnp.zeros(shape, moment_dtype))
+        basis.append(optax.MaskedNode())
+        rnorm.append(optax.MaskedNode())
+      else:
+        batch = layout.batch_shape
+        mu.append(jnp.zeros((*batch, rank, layout.n), moment_dtype))
+        basis.append(jnp.zeros((*batch, layout.m, rank), jnp.float32))
+        rnorm.append(
+          jnp.zeros(batch, jnp.float32) if recovery_scaling else optax.MaskedNode()
+        )
+    mu = treedef.unflatten(mu)
+    return SubspaceAdamState(
+      count=jnp.zeros([], jnp.int32),
+      key=None if key is None else _raw_key(key),
+      mu=mu,
+      nu=jax.tree.map(jnp.zeros_like, mu),
+      basis=treedef.unflatten(basis),
+      recovery_norm=treedef.unflatten(rnorm),
+    )
+
+  def project_one(layout, branch, count, t, g, mu, nu, basis, rnorm, key):
+    """The step for one (unbatched) projected matrix; see the docstring."""
+    g_dtype = g.dtype
+    g = layout.to_matrix(g).astype(jnp.float32)
+
+    def keep():
+      return basis, mu, nu
+
+    def first():
+      return subspace.init(g, rank, key).astype(basis.dtype), mu, nu
+
+    def move():
+      new_basis = subspace.update(basis, g, key).astype(basis.dtype)
+      if not adaptive_optimizer:
+        return new_basis, mu, nu
+      new_mu, new_nu = rotate_moments(
+        new_basis.T @ basis,
+        mu.astype(jnp.float32),
+        nu.astype(jnp.float32),
+        b1,
+        b2,
+        count,
+      )
+      return new_basis, new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
+
+    basis, mu, nu = jax.lax.switch(branch, (keep, first, move))
+    g_low = basis.T @ g
+    mu = ((1 - b1) * g_low + b1 * mu.astype(jnp.float32)).astype(mu.dtype)
+    nu = ((1 - b2) * jnp.square(g_low) + b2 * nu.astype(jnp.float32)).astype(nu.dtype)
+    direction = _adam_direction(
+      mu.astype(jnp.float32), nu.astype(jnp.float32), t, b1, b2, eps
+    )
+
+    if not recovery_scaling:
+      update = layout.from_matrix((scale * (basis @ direction)).astype(g_dtype))
+      return update, mu, nu, basis, rnorm
+
+    phi = jnp.linalg.norm(direction, axis=0) / (
+      jnp.linalg.norm(g_low, axis=0) + _RS_EPS
+    )
+    residual_sq = jnp.sum(jnp.square(g - basis @ g_low), axis=0)
+    lam_norm = jnp.sqrt(jnp.sum(jnp.square(phi) * residual_sq))
+    cap = zeta * (rnorm + _RS_EPS)
+    limit = (count > 0) & (lam_norm > cap)
+    factor = jnp.where(limit, cap / jnp.where(limit, lam_norm, 1.0), 1.0)
+    col_scale = phi * factor * (scale if scale_recovery else 1.0)
+    update = basis @ (scale * direction - col_scale * g_low) + col_scale * g
+    return layout.from_matrix(update.astype(g_dtype)), mu, nu, basis, lam_norm * factor
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count
+    t = optax.safe_increment(count)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    mus, nus, bases, rnorms = (
+      treedef.flatten_up_to(tree)
+      for tree in (state.mu, state.nu, state.basis, state.recovery_norm)
+    )
+    dims_list = _resolve_tree(
+      dimension_numbers,
+      updates,
+      "dimension_numbers",
+      is_leaf=lambda x: x is None or isinstance(x, MatrixDimensionNumbers),
+    )
+    projected = [i for i, b in enumerate(bases) if not isinstance(b, optax.MaskedNode)]
+    offsets = {
+      i: (j * update_interval) // len(projected) if stagger else 0
+      for j, i in enumerate(projected)
+    }
+
+    out_updates, out_mu, out_nu, out_basis, out_rnorm = [], [], [], [], []
+    for i, ((path, g), mu, nu, basis, rnorm, dims) in enumerate(
+      zip(leaves_with_path, mus, nus, bases, rnorms, dims_list, strict=True)
+    ):
+      if isinstance(basis, optax.MaskedNode):
+        mu = (1 - b1) * g + b1 * mu
+        nu = (1 - b2) * jnp.square(g) + b2 * nu
+        out_updates.append(_adam_direction(mu, nu, t, b1, b2, eps).astype(g.dtype))
+        out_mu.append(mu.astype(moment_dtype))
+        out_nu.append(nu.astype(moment_dtype))
+        out_basis.append(basis)
+        out_rnorm.append(rnorm)
+        continue
+      layout = _layout(
+        jax.tree_util.keystr(path), g.shape, dims or MatrixDimensionNumbers()
+      )
+      branch = jnp.where(
+        count == 0, 1, jnp.where((count + offsets[i]) % update_interval == 0, 2, 0)
+      )
+      batch = layout.batch_shape
+      if state.key is None:
+        keys = None
+      else:
+        leaf_key = jax.random.fold_in(jax.random.fold_in(state.key, i), count)
+        keys = jax.random.split(leaf_key, math.prod(batch)).reshape(*batch, -1)
+      has_rnorm = not isinstance(rnorm, optax.MaskedNode)
+      fn = functools.partial(project_one, layout, branch, count, t)
+      state_axes = (0, 0, 0, 0 if has_rnorm else None, None if keys is None else 0)
+      for k, axis in reversed(list(enumerate(layout.batch_axes))):
+        fn = jax.vmap(
+          fn,
+          in_axes=(axis - k, *state_axes),
+          out_axes=(axis - k, 0, 0, 0, 0 if has_rnorm else None),
+        )
+      update, mu, nu, basis, rnorm = fn(
+        g, mu, nu, basis, rnorm if has_rnorm else None, keys
+      )
+      out_updates.append(update)
+      out_mu.append(mu)
+      out_nu.append(nu)
+      out_basis.append(basis)
+      out_rnorm.append(rnorm if has_rnorm else optax.MaskedNode())
+    unflat = treedef.unflatten
+    return unflat(out_updates), state._replace(
+      count=t,
+      mu=unflat(out_mu),
+      nu=unflat(out_nu),
+      basis=unflat(out_basis),
+      recovery_norm=unflat(out_rnorm),
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
