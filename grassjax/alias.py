@@ -18,7 +18,6 @@ step size 10). The rank has no default: the papers use 128 (60M), 256 (130M,
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from grassjax import subspace as subspace_lib
@@ -41,9 +40,14 @@ def _low_rank_adamw(
   weight_decay_mask: MaskOrFn,
   **kwargs,
 ) -> optax.GradientTransformation:
+  # Without weight decay the update needs no params, like optax.adam.
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  decay = (
+    () if no_decay else (optax.add_decayed_weights(weight_decay, weight_decay_mask),)
+  )
   return optax.chain(
     scale_by_subspace_adam(rule, **kwargs),
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    *decay,
     optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -68,7 +72,7 @@ def grasswalk(
   dimension_numbers: DimensionNumbersOrFn = None,
   tangent_rank: int = 1,
   normalize_step: bool = True,
-  moment_dtype: jnp.dtype = jnp.float32,
+  moment_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
 ) -> optax.GradientTransformation:
@@ -109,7 +113,7 @@ def grasswalk(
       (:class:`grassjax.MatrixDimensionNumbers`).
     tangent_rank: rank of each random rotation.
     normalize_step: ``step_size`` is an angle (True) or the raw scale.
-    moment_dtype: dtype of Adam's moments.
+    moment_dtype: dtype of Adam's moments (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -160,7 +164,7 @@ def grassjump(
   zeta: float = 1.01,
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
-  moment_dtype: jnp.dtype = jnp.float32,
+  moment_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
 ) -> optax.GradientTransformation:
@@ -187,7 +191,7 @@ def grassjump(
     zeta: growth limiter of the recovery term.
     mask: which parameters are projected.
     dimension_numbers: which axes form each matrix.
-    moment_dtype: dtype of Adam's moments.
+    moment_dtype: dtype of Adam's moments (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -237,7 +241,7 @@ def subtrack_pp(
   dimension_numbers: DimensionNumbersOrFn = None,
   tangent_rank: int = 1,
   normalize_step: bool = False,
-  moment_dtype: jnp.dtype = jnp.float32,
+  moment_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
 ) -> optax.GradientTransformation:
@@ -272,7 +276,7 @@ def subtrack_pp(
     dimension_numbers: which axes form each matrix.
     tangent_rank: rank of each tracking step (1 in the papers).
     normalize_step: make ``step_size`` an angle in radians.
-    moment_dtype: dtype of Adam's moments.
+    moment_dtype: dtype of Adam's moments (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -323,7 +327,7 @@ def galore(
   key: jax.Array | None = None,
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
-  moment_dtype: jnp.dtype = jnp.float32,
+  moment_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
 ) -> optax.GradientTransformation:
@@ -352,7 +356,7 @@ def galore(
     key: unused by the SVD rule; accepted for a uniform signature.
     mask: which parameters are projected.
     dimension_numbers: which axes form each matrix.
-    moment_dtype: dtype of Adam's moments.
+    moment_dtype: dtype of Adam's moments (``None``: float32).
     stagger: spread parameters' SVDs over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 

@@ -137,7 +137,7 @@ def randomized_svd(
   key: jax.Array,
   *,
   oversample: int = 4,
-  power_iters: int = 1,
+  power_iters: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Approximate top-``k`` SVD of ``x`` ``(m, r)`` by a randomized range finder.
 

@@ -173,9 +173,10 @@ def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
 
 
 def _raw_key(key: jax.Array) -> jax.Array:
+  """A private copy of the key's raw ``uint32`` data (safe to donate with the state)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jnp.asarray(key, jnp.uint32)
+    key = jax.random.key_data(key)
+  return jnp.array(key, jnp.uint32, copy=True)
 
 
 def _adam_direction(mu, nu, count, b1, b2, eps):
@@ -244,7 +245,7 @@ def scale_by_subspace_adam(
   key: jax.Array | None = None,
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
-  moment_dtype: jnp.dtype = jnp.float32,
+  moment_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam in a rank-``r`` subspace of each weight matrix's gradient.
@@ -303,7 +304,8 @@ def scale_by_subspace_adam(
       (:class:`MatrixDimensionNumbers`): one for all parameters, a pytree of
       them (``None`` leaves take the default), or a callable of the parameters.
       Default: the last two axes, leading axes stacked.
-    moment_dtype: dtype of ``mu`` and ``nu`` (float32; bfloat16 halves them).
+    moment_dtype: dtype of ``mu`` and ``nu``; ``None`` means float32 (bfloat16
+      halves them).
     stagger: spread the update steps of the projected parameters evenly over
       the interval (parameter ``i`` of ``k`` updates when ``(t - 1 + i T // k)
       % T == 0``), so a step never pays for all subspace updates at once. All
@@ -324,6 +326,7 @@ def scale_by_subspace_adam(
     )
   if isinstance(zeta, (int, float)) and not zeta > 0:
     raise ValueError(f"grassjax: zeta must be > 0, got {zeta!r}.")
+  moment_dtype = jnp.float32 if moment_dtype is None else moment_dtype
   if subspace.needs_key and key is None:
     raise ValueError(
       f"grassjax: the {subspace.name!r} subspace rule is random and needs a"

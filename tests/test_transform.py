@@ -1,0 +1,392 @@
+"""scale_by_subspace_adam and the four optimizers: shapes, state, errors, composition."""
+
+import functools
+import inspect
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import grassjax
+from grassjax import subspace
+
+KEY = jax.random.key(0)
+RANK = 4
+
+
+def _params(dtype=jnp.float32):
+  """A wide matrix, a tall one, a square one, a stack of 3 matrices and a bias."""
+  keys = jax.random.split(jax.random.key(1), 4)
+  return {
+    "wide": jax.random.normal(keys[0], (12, 20), dtype),
+    "tall": jax.random.normal(keys[1], (20, 12), dtype),
+    "square": jax.random.normal(keys[2], (10, 10), dtype),
+    "stack": jax.random.normal(keys[3], (3, 8, 14), dtype),
+    "bias": jnp.zeros((12,), dtype),
+  }
+
+
+def _grads(step: int, params):
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(2), step), 5)
+  return jax.tree.map(
+    lambda p, k: jax.random.normal(k, p.shape, p.dtype),
+    params,
+    dict(zip(params, keys, strict=True)),
+  )
+
+
+OPTIMIZERS = {
+  "grasswalk": lambda **kw: grassjax.grasswalk(1e-2, rank=RANK, key=KEY, **kw),
+  "grassjump": lambda **kw: grassjax.grassjump(1e-2, rank=RANK, key=KEY, **kw),
+  "subtrack_pp": lambda **kw: grassjax.subtrack_pp(1e-2, rank=RANK, **kw),
+  "galore": lambda **kw: grassjax.galore(1e-2, rank=RANK, **kw),
+}
+
+
+@functools.cache
+def _compiled(name: str):
+  """One optimizer per alias (update interval 2) and its jitted, donating update.
+
+  Shared by the tests below so each alias compiles once per parameter dtype.
+  """
+  tx = OPTIMIZERS[name](update_interval=2)
+  return tx, jax.jit(tx.update, donate_argnums=1)
+
+
+def _subspace_state(opt_state) -> grassjax.SubspaceAdamState:
+  return opt_state[0]
+
+
+def _run(tx, params, steps: int, jit: bool = True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  updates = None
+  for step in range(steps):
+    updates, state = update(_grads(step, params), state, params)
+  return updates, state
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+class TestAliases:
+  @pytest.mark.parametrize("variant", ["with_jit", "without_jit"])
+  def test_shapes_and_dtypes(self, name, variant):
+    params = _params()
+    tx, compiled = _compiled(name)
+    update = compiled if variant == "with_jit" else tx.update
+    if variant == "without_jit":  # eager dispatch is slow: fewer leaves
+      params = {k: params[k] for k in ("wide", "tall", "stack", "bias")}
+    state = tx.init(params)
+    for step in range(3):
+      updates, state = update(_grads(step, params), state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
+    inner = _subspace_state(state)
+    assert int(inner.count) == 3
+    r = RANK
+    chex.assert_shape(inner.basis["wide"], (12, r))
+    chex.assert_shape(inner.mu["wide"], (r, 20))
+    chex.assert_shape(inner.basis["tall"], (12, r))  # m > n: projected columns
+    chex.assert_shape(inner.mu["tall"], (r, 20))
+    if "square" in params:
+      chex.assert_shape(inner.basis["square"], (10, r))
+    chex.assert_shape(inner.basis["stack"], (3, 8, r))
+    chex.assert_shape(inner.nu["stack"], (3, r, 14))
+    chex.assert_shape(inner.mu["bias"], (12,))
+    assert isinstance(inner.basis["bias"], optax.MaskedNode)
+    for basis in (inner.basis["wide"], inner.basis["tall"], *inner.basis["stack"]):
+      np.testing.assert_allclose(basis.T @ basis, np.eye(r), atol=1e-5)
+
+  def test_bf16_params_and_moments(self, name):
+    params = _params(jnp.bfloat16)
+    tx = OPTIMIZERS[name](update_interval=2, moment_dtype=jnp.bfloat16)
+    updates, state = _run(tx, params, 3)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
+    inner = _subspace_state(state)
+    assert inner.mu["wide"].dtype == jnp.bfloat16
+    assert inner.basis["wide"].dtype == jnp.float32
+
+  def test_degenerate_gradients_give_finite_updates(self, name):
+    params = _params()
+    tx, update = _compiled(name)
+    state = tx.init(params)
+    rank_one = lambda p: jnp.ones(p.shape) * jnp.arange(p.shape[-1])  # noqa: E731
+    zero_columns = lambda p: jnp.zeros(p.shape).at[..., 0].set(1.0)  # noqa: E731
+    # Steps 0, 2 and 4 make or move the bases: zero, rank-one and zero-column.
+    for make in (
+      jnp.zeros_like,
+      jnp.zeros_like,
+      rank_one,
+      zero_columns,
+      jnp.zeros_like,
+    ):
+      updates, state = update(jax.tree.map(make, params), state, params)
+      chex.assert_tree_all_finite((updates, state))
+
+  def test_no_recompilation_and_update_branch_behind_cond(self, name):
+    params = _params()
+    tx, update = _compiled(name)
+    state = tx.init(params)
+    _, state = update(_grads(0, params), state, params)
+    compiled_programs = update._cache_size()
+    for step in range(1, 7):
+      _, state = update(_grads(step, params), state, params)
+    assert update._cache_size() == compiled_programs
+    # Decompositions appear only inside the cond/switch branches.
+    jaxpr = jax.make_jaxpr(tx.update)(_grads(0, params), tx.init(params), params)
+    top_level = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+    assert "cond" in top_level
+    assert not top_level & {"svd", "qr", "householder_product", "geqrf"}
+
+  def test_state_bytes_match_formula(self, name):
+    params = _params()
+    tx = OPTIMIZERS[name]()
+    state = jax.eval_shape(tx.init, params)
+    rs = name != "galore"
+    r = RANK
+    expected = 4 + 8  # count and key
+    for m, n, batch in ((12, 20, 1), (12, 20, 1), (10, 10, 1), (8, 14, 3)):
+      expected += 4 * batch * (m * r + 2 * r * n + (1 if rs else 0))
+    expected += 4 * 2 * 12  # bias: plain Adam moments
+    if name in ("subtrack_pp", "galore"):
+      expected -= 8  # no key given
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert nbytes == expected
+
+  def test_apply_if_finite_keeps_state(self, name):
+    params = _params()
+    tx = optax.apply_if_finite(
+      OPTIMIZERS[name](update_interval=1), max_consecutive_errors=5
+    )
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    _, state = update(_grads(0, params), state, params)
+    bad = _grads(1, params)
+    bad["wide"] = bad["wide"].at[0, 0].set(jnp.nan)
+    updates, new_state = update(bad, state, params)
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+
+  def test_composes_with_clip_multisteps_and_inject(self, name):
+    params = _params()
+    tx = optax.MultiSteps(
+      optax.chain(optax.clip_by_global_norm(1.0), OPTIMIZERS[name](update_interval=2)),
+      every_k_schedule=2,
+    )
+    updates, _ = _run(tx, params, 4)
+    chex.assert_tree_all_finite(updates)
+    factory = {
+      "grasswalk": grassjax.grasswalk,
+      "grassjump": grassjax.grassjump,
+      "subtrack_pp": grassjax.subtrack_pp,
+      "galore": grassjax.galore,
+    }[name]
+    extra = {"key": KEY} if name in ("grasswalk", "grassjump") else {}
+    static = {"rank", "update_interval", "tangent_rank"} & set(
+      inspect.signature(factory).parameters
+    )
+    injected = optax.inject_hyperparams(factory, static_args=static)(
+      learning_rate=1e-2, rank=RANK, update_interval=2, **extra
+    )
+    state = injected.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    updates, _ = jax.jit(injected.update)(_grads(0, params), state, params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+
+
+def test_convergence_on_low_rank_regression():
+  """Every optimizer drives down ||X W - Y||^2 with a nearly rank-3 target W*."""
+  rng = np.random.default_rng(0)
+  # Rank 3 plus a small full-rank part, so the residual outside the subspace
+  # is not zero on the first step (recovery scaling has something to recover).
+  w_true = rng.standard_normal((24, 3)) @ rng.standard_normal((3, 40))
+  w_true += 0.3 * rng.standard_normal((24, 40))
+  x = jnp.asarray(rng.standard_normal((128, 24)), jnp.float32)
+  y = x @ jnp.asarray(w_true, jnp.float32)
+  params = {"w": jnp.zeros((24, 40)), "b": jnp.zeros((40,))}
+
+  def loss(p):
+    return jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))
+
+  initial = float(loss(params))
+  for name, make in OPTIMIZERS.items():
+    tx = make(update_interval=10, scale=1.0, mask={"w": True, "b": False})
+    tx = optax.chain(tx, optax.scale(3.0))  # learning rate 3e-2
+
+    @jax.jit
+    def train(p, tx=tx):
+      def body(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+      (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=300)
+      return p
+
+    final = float(loss(train(params)))
+    assert final < 0.15 * initial, (name, initial, final)
+
+
+def test_masked_out_leaves_get_exactly_adam():
+  params = _params()
+  mask = {k: k in ("wide", "stack") for k in params}
+  tx = grassjax.scale_by_subspace_adam(
+    subspace.random_jump(), rank=RANK, update_interval=2, key=KEY, mask=mask
+  )
+  adam = optax.scale_by_adam()
+  state, adam_state = tx.init(params), adam.init(params)
+  # Both jitted: 1 - b2^t amplifies the rounding of an eager pow ~1000-fold.
+  update, adam_update = jax.jit(tx.update), jax.jit(adam.update)
+  for step in range(4):
+    grads = _grads(step, params)
+    updates, state = update(grads, state, params)
+    expected, adam_state = adam_update(grads, adam_state, params)
+    for name in ("tall", "square", "bias"):
+      np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_galore_matches_optax_contrib_galore_on_square_matrices():
+  """Plain GaLore (same SVD, unrotated moments, no recovery) equals optax's."""
+  params = {
+    "w": jax.random.normal(KEY, (16, 16)),
+    "v": jax.random.normal(KEY, (12, 12)),
+  }
+  ours = grassjax.galore(1e-2, rank=5, update_interval=3, scale=0.25)
+  theirs = optax.contrib.galore(1e-2, rank=5, update_proj_gap=3, scale=0.25)
+  s1, s2 = ours.init(params), theirs.init(params)
+  for step in range(7):
+    grads = _grads(step, params)
+    u1, s1 = jax.jit(ours.update)(grads, s1, params)
+    u2, s2 = jax.jit(theirs.update)(grads, s2, params)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
+
+
+def test_keys_are_deterministic_and_independent_across_leaves_and_stack():
+  params = {"a": jnp.ones((8, 12)), "b": jnp.ones((8, 12)), "s": jnp.ones((2, 8, 12))}
+
+  def bases(key):
+    tx = grassjax.grassjump(1e-2, rank=3, key=key, update_interval=2)
+    return _subspace_state(_run(tx, params, 3)[1]).basis
+
+  first, again, other = bases(KEY), bases(KEY), bases(jax.random.key(7))
+  chex.assert_trees_all_equal(first, again)
+  assert not np.allclose(first["a"], other["a"])
+  assert not np.allclose(first["a"], first["b"])
+  assert not np.allclose(first["s"][0], first["s"][1])
+
+
+def test_stacked_leaf_equals_independent_matrices():
+  stack = jax.random.normal(KEY, (3, 8, 14))
+  tx = grassjax.galore(1e-2, rank=3, update_interval=2)
+  stacked, _ = _run(tx, {"s": stack}, 3)
+  for i in range(3):
+    state = tx.init({"s": stack[i]})
+    for step in range(3):
+      g = {"s": _grads(step, {"s": stack})["s"][i]}
+      update, state = tx.update(g, state, {"s": stack[i]})
+    np.testing.assert_allclose(stacked["s"][i], update["s"], rtol=1e-5, atol=1e-6)
+
+
+def test_dimension_numbers_for_attention_kernels():
+  """A (d, heads, head_dim) kernel projected as a d x (heads*head_dim) matrix."""
+  kernel = jax.random.normal(KEY, (12, 4, 5))
+  dims = grassjax.MatrixDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+  tx3 = grassjax.galore(1e-2, rank=3, update_interval=2, dimension_numbers=dims)
+  tx2 = grassjax.galore(1e-2, rank=3, update_interval=2)
+  state3, state2 = tx3.init({"k": kernel}), tx2.init({"k": kernel.reshape(12, 20)})
+  chex.assert_shape(_subspace_state(state3).basis["k"], (12, 3))
+  for step in range(3):
+    g = _grads(step, {"k": kernel})
+    u3, state3 = tx3.update(g, state3)
+    u2, state2 = tx2.update({"k": g["k"].reshape(12, 20)}, state2)
+    np.testing.assert_allclose(u3["k"].reshape(12, 20), u2["k"], rtol=1e-5, atol=1e-6)
+  # A stacked (layers, d, heads, head_dim) kernel: layers is a batch axis.
+  stacked = grassjax.MatrixDimensionNumbers(reduction_axis=1, output_axis=(2, 3))
+  tx = grassjax.galore(1e-2, rank=3, dimension_numbers=stacked)
+  chex.assert_shape(
+    _subspace_state(tx.init({"k": jnp.ones((2, 12, 4, 5))})).basis["k"], (2, 12, 3)
+  )
+
+
+def test_stagger_spreads_updates_over_the_interval():
+  params = {"a": jnp.ones((8, 12)), "b": jnp.ones((8, 12))}
+  tx = grassjax.grassjump(1e-2, rank=3, key=KEY, update_interval=4, stagger=True)
+  state = tx.init(params)
+  history = []
+  for step in range(6):
+    _, state = tx.update(_grads(step, params), state)
+    history.append(jax.tree.map(np.asarray, _subspace_state(state).basis))
+  moved = lambda k: [  # noqa: E731
+    i for i in range(1, 6) if not np.array_equal(history[i][k], history[i - 1][k])
+  ]
+  assert moved("a") == [4]
+  assert moved("b") == [2]
+
+
+def test_default_mask_and_full_rank_explicit_mask():
+  params = {"small": jnp.ones((4, 10)), "big": jnp.ones((8, 10))}
+  state = _subspace_state(grassjax.galore(1e-2, rank=4).init(params))
+  assert isinstance(state.basis["small"], optax.MaskedNode)  # 4 is not > rank
+  chex.assert_shape(state.basis["big"], (8, 4))
+  full = grassjax.galore(1e-2, rank=4, mask={"small": True, "big": True})
+  chex.assert_shape(_subspace_state(full.init(params)).basis["small"], (4, 4))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"rank": 0}, "rank must be an int >= 1"),
+    ({"rank": 9, "mask": {"w": True, "b": False}}, r"\['w'\].*\(8, 12\)"),
+    ({"update_interval": 0}, "update_interval"),
+    ({"zeta": 0.0}, "zeta"),
+    ({"step_size": -1.0}, "step_size"),
+    ({"mask": {"w": True}}, "mask.*does not match"),
+    ({"mask": {"w": True, "b": True}}, r"\['b'\].*not a matrix"),
+    ({"key": None}, "needs a PRNG key"),
+  ],
+)
+def test_bad_configuration_raises(kwargs, match):
+  params = {"w": jnp.ones((8, 12)), "b": jnp.ones((12,))}
+  config = {"rank": 3, "key": KEY, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    grassjax.grasswalk(1e-2, **config).init(params)
+
+
+def test_flax_nnx_optimizer_trains_and_checkpoints():
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(16, 32, rngs=rngs)
+      self.down = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.down(jax.nn.gelu(self.up(x)))
+
+  model = Mlp(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+    model, grassjax.grasswalk(1e-2, rank=3, key=KEY, update_interval=5), wrt=nnx.Param
+  )
+  x = jax.random.normal(KEY, (32, 16))
+  y = jnp.sin(x[:, :4])
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(30)]
+  assert losses[-1] < 0.5 * losses[0]
+  state = nnx.state(optimizer)
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(f"{tmp}/opt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(f"{tmp}/opt", state)
+  chex.assert_trees_all_equal(jax.tree.leaves(restored), jax.tree.leaves(state))
