@@ -5,7 +5,7 @@ built on :func:`scale_by_subspace_adam` and the subspace rules of
 :mod:`grassjax.subspace`.
 """
 
-from grassjax import subspace
+from grassjax import diagnostics, subspace
 from grassjax.alias import galore, grassjump, grasswalk, subtrack_pp
 from grassjax.subspace import SubspaceRule
 from grassjax.transform import (
@@ -21,6 +21,7 @@ __all__ = [
   "MatrixDimensionNumbers",
   "SubspaceAdamState",
   "SubspaceRule",
+  "diagnostics",
   "galore",
   "grassjump",
   "grasswalk",

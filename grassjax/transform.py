@@ -118,6 +118,11 @@ class _MatrixLayout:
     rows, cols = self._matrix_perm()
     return jnp.transpose(x, rows + cols).reshape(self.m, self.n)
 
+  def to_stacked_matrices(self, x: jax.Array) -> jax.Array:
+    """The whole parameter as ``batch_shape + (m, n)`` canonical matrices."""
+    perm = self.batch_axes + self.row_axes + self.col_axes
+    return jnp.transpose(x, perm).reshape(*self.batch_shape, self.m, self.n)
+
   def from_matrix(self, x: jax.Array) -> jax.Array:
     rows, cols = self._matrix_perm()
     perm = rows + cols

@@ -1,0 +1,145 @@
+"""Diagnostics of low-rank training: energy fraction, subspace motion, state size.
+
+All functions are pure and jit-compatible (except :func:`state_bytes`, which
+reads only shapes) and return arrays, so they can be computed inside a training
+step and logged without extra host syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grassjax.transform import (
+  DimensionNumbersOrFn,
+  MatrixDimensionNumbers,
+  SubspaceAdamState,
+  _layout,
+  _resolve_tree,
+)
+
+
+def find_subspace_state(opt_state: Any) -> SubspaceAdamState:
+  """The :class:`~grassjax.SubspaceAdamState` inside any optax state.
+
+  Works through ``optax.chain``, ``optax.MultiSteps``, ``inject_hyperparams``,
+  ``apply_if_finite`` and ``flax.nnx.Optimizer`` states alike.
+
+  Raises:
+    ValueError: if there is none, or more than one.
+  """
+  found = [
+    x
+    for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, SubspaceAdamState)
+    )
+    if isinstance(x, SubspaceAdamState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      f"grassjax: expected one SubspaceAdamState in the optimizer state, found {len(found)}."
+    )
+  return found[0]
+
+
+def energy_fraction(
+  grads: optax.Updates,
+  opt_state: Any,
+  *,
+  dimension_numbers: DimensionNumbersOrFn = None,
+) -> optax.Updates:
+  """Fraction of each projected gradient's norm inside its subspace.
+
+  ``R = ||S^T G||_F / ||G||_F`` for every stacked matrix of every projected
+  parameter (0 for a zero gradient), with ``S`` the current basis. Taken just
+  after an update it measures how much of the gradient the subspace kept; ``1 -
+  R^2`` is the share of the squared norm that recovery scaling works on.
+
+  Args:
+    grads: gradients, same structure as the parameters.
+    opt_state: an optimizer state containing one ``SubspaceAdamState``.
+    dimension_numbers: as given to the optimizer (default: last two axes).
+
+  Returns:
+    A pytree like ``grads`` with a ``batch_shape`` array (a scalar for a plain
+    matrix) for projected parameters and ``None`` for the others.
+  """
+  state = find_subspace_state(opt_state)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+  bases = treedef.flatten_up_to(state.basis)
+  dims_list = _resolve_tree(
+    dimension_numbers,
+    grads,
+    "dimension_numbers",
+    is_leaf=lambda x: x is None or isinstance(x, MatrixDimensionNumbers),
+  )
+  out = []
+  for (path, g), basis, dims in zip(leaves, bases, dims_list, strict=True):
+    if isinstance(basis, optax.MaskedNode):
+      out.append(None)
+      continue
+    layout = _layout(
+      jax.tree_util.keystr(path), g.shape, dims or MatrixDimensionNumbers()
+    )
+    matrices = layout.to_stacked_matrices(g).astype(jnp.float32)
+    inside = jnp.linalg.norm(jnp.swapaxes(basis, -1, -2) @ matrices, axis=(-2, -1))
+    total = jnp.linalg.norm(matrices, axis=(-2, -1))
+    out.append(jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0))
+  return treedef.unflatten(out)
+
+
+def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
+  """Principal angles between the subspaces spanned by two orthonormal bases.
+
+  ``theta_i = arccos(sigma_i(A^T B))`` in radians, ascending; 0 for a shared
+  direction, ``pi / 2`` for an orthogonal one. Batched: ``A`` and ``B`` are
+  ``(..., m, r)`` and the result is ``(..., r)``.
+  """
+  cosines = jnp.linalg.svd(jnp.swapaxes(basis_a, -1, -2) @ basis_b, compute_uv=False)
+  # Singular values come in descending order, so the angles ascend.
+  return jnp.arccos(jnp.clip(cosines, -1.0, 1.0))
+
+
+def subspace_motion(previous_state: Any, state: Any) -> optax.Updates:
+  """Largest principal angle between each projected parameter's old and new bases.
+
+  Args:
+    previous_state: optimizer state before a step.
+    state: optimizer state after it.
+
+  Returns:
+    A pytree like the parameters: a ``batch_shape`` array of angles (radians)
+    per projected parameter, ``None`` elsewhere.
+  """
+  old = find_subspace_state(previous_state).basis
+  new = find_subspace_state(state).basis
+  return jax.tree.map(
+    lambda a, b: (
+      None if isinstance(a, optax.MaskedNode) else principal_angles(a, b)[..., -1]
+    ),
+    old,
+    new,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
+
+
+def state_bytes(state: Any) -> int:
+  """Bytes held by the arrays of any pytree (an optax state, params, ...).
+
+  Reads only shapes and dtypes, so it works on the ``jax.ShapeDtypeStruct``
+  tree of ``jax.eval_shape(tx.init, params)`` without allocating anything.
+  Typed PRNG keys count their raw key data.
+  """
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      continue
+    dtype = leaf.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      total += jax.eval_shape(jax.random.key_data, leaf).size * 4
+    else:
+      total += leaf.size * jnp.dtype(dtype).itemsize
+  return int(total)
