@@ -33,12 +33,11 @@ def _params(dtype=jnp.float32):
 
 
 def _grads(step: int, params):
-  keys = jax.random.split(jax.random.fold_in(jax.random.key(2), step), 5)
-  return jax.tree.map(
-    lambda p, k: jax.random.normal(k, p.shape, p.dtype),
-    params,
-    dict(zip(params, keys, strict=True)),
-  )
+  key = jax.random.fold_in(jax.random.key(2), step)
+  return {
+    name: jax.random.normal(jax.random.fold_in(key, i), p.shape, p.dtype)
+    for i, (name, p) in enumerate(params.items())
+  }
 
 
 OPTIMIZERS = {
