@@ -146,8 +146,16 @@ def randomized_svd(
   small ``Q^T x``. The left vectors lie in ``range(x)``, so for a tangent ``x``
   they stay orthogonal to the basis.
 
+  Args:
+    x: the ``(m, r)`` matrix.
+    k: number of triplets, ``k <= min(m, r)``.
+    key: PRNG key of the Gaussian test matrix ``Omega``.
+    oversample: extra columns of ``Omega`` beyond ``k``, which make the top-``k``
+      triplets accurate when the spectrum decays slowly.
+    power_iters: ``q``, passes of ``x x^T`` that sharpen a flat spectrum.
+
   Returns:
-    ``(U (m, k), sigma (k,), V (r, k))``.
+    ``(U (m, k), sigma (k,), V (r, k))``, with ``x ~ U diag(sigma) V^T``.
   """
   width = min(k + oversample, *x.shape)
   omega = jax.random.normal(key, (x.shape[1], width), x.dtype)
@@ -159,7 +167,10 @@ def randomized_svd(
 
 
 def projection_error(basis: jax.Array, grad: jax.Array) -> jax.Array:
-  """``F(S) = ||G - S S^T G||_F^2``, the loss subspace tracking descends."""
+  """``F(S) = ||G - S S^T G||_F^2`` for ``S`` ``(m, r)`` and ``G`` ``(m, n)``.
+
+  The loss that :func:`tracking` descends; a scalar.
+  """
   return jnp.sum(jnp.square(grad - basis @ (basis.T @ grad)))
 
 
