@@ -69,7 +69,17 @@ def energy_fraction(
   """
   state = find_subspace_state(opt_state)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
-  bases = treedef.flatten_up_to(state.basis)
+  # Matched by position, not by tree type: wrappers differ between the
+  # gradients and the state (flax.nnx.Optimizer keeps its state in OptVariable
+  # where the gradients have Param), while the order of the leaves is the same.
+  bases = jax.tree.leaves(
+    state.basis, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
+  if len(bases) != len(leaves):
+    raise ValueError(
+      f"grassjax: the gradients have {len(leaves)} leaves but the optimizer"
+      f" state has {len(bases)} bases."
+    )
   dims_list = _resolve_tree(
     dimension_numbers,
     grads,

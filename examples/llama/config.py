@@ -1,0 +1,289 @@
+"""The training configuration: every command-line flag, and the optimizer it names.
+
+:class:`TrainConfig` holds all settings with their defaults; the argparse
+parser is built from its fields, so a flag, its default and its help live in
+one place. The defaults train the ``tiny`` model on the shipped C4-format
+sample with GrassWalk in a few minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import grassjax
+from examples.llama import model as model_lib
+
+DEFAULT_DATA_DIR = str(Path(__file__).absolute().parent / "data")
+OPTIMIZERS = ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
+STEP_SIZE_OPTIMIZERS = ("grasswalk", "subtrack_pp")
+MESHES = ("none", "dp", "fsdp")
+DTYPES = ("float32", "bfloat16")
+
+
+def _flag(default, help: str, choices: Sequence[str] | None = None):
+  """A dataclass field that also carries its command-line help and choices."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines a training run; one field per command-line flag."""
+
+  optimizer: str = _flag("grasswalk", "optimizer", OPTIMIZERS)
+  model: str = _flag("tiny", "model size", tuple(model_lib.CONFIGS))
+  steps: int = _flag(600, "optimizer steps")
+  batch_size: int = _flag(16, "sequences per optimizer step (global batch)")
+  grad_accum: int = _flag(
+    1, "micro-batches per step; the batch is split into this many, run in turn"
+  )
+  lr: float = _flag(3e-3, "peak learning rate")
+  warmup: int = _flag(60, "linear warmup steps, then cosine decay to 10%% of --lr")
+  rank: int = _flag(32, "rank of the projected gradients (low-rank optimizers)")
+  update_interval: int = _flag(50, "steps between subspace updates")
+  scale: float = _flag(0.25, "scale of the low-rank update (GaLore's alpha)")
+  step_size: float | None = _flag(
+    None,
+    "subspace step: GrassWalk's angle in radians, SubTrack++'s eta;"
+    " None: the optimizer's default",
+  )
+  weight_decay: float = _flag(0.0, "decoupled weight decay")
+  adaptive_optimizer: bool | None = _flag(
+    None, "rotate Adam's moments onto each new basis; None: the optimizer's default"
+  )
+  recovery_scaling: bool | None = _flag(
+    None, "add the rescaled out-of-subspace gradient; None: the optimizer's default"
+  )
+  seed: int = _flag(0, "seed of the model init, the data order and the subspaces")
+  data_dir: str = _flag(
+    DEFAULT_DATA_DIR, "directory of C4-format shards, or 'hf' to stream C4"
+  )
+  tokenizer: str = _flag("byte", "'byte', or a Hugging Face tokenizer such as t5-base")
+  seq_len: int = _flag(128, "tokens per training sequence")
+  eval_every: int = _flag(100, "steps between evaluations (and one at the end)")
+  eval_batches: int = _flag(8, "validation batches per evaluation")
+  checkpoint_dir: str | None = _flag(
+    None, "save checkpoints here; None: no checkpoints"
+  )
+  checkpoint_every: int = _flag(200, "steps between checkpoints (and one at the end)")
+  resume: bool = _flag(False, "continue from the latest checkpoint in --checkpoint-dir")
+  out_dir: str = _flag("runs/llama", "where metrics, plots and the summary go")
+  mesh: str = _flag(
+    "none", "none: one device; dp: data parallel; fsdp: sharded state", MESHES
+  )
+  dtype: str = _flag("float32", "compute dtype (parameters stay float32)", DTYPES)
+  scan_layers: bool = _flag(False, "stack the layers and run them with a scan")
+  remat: bool = _flag(False, "recompute activations in the backward pass")
+  distributed: bool = _flag(
+    False, "call jax.distributed.initialize() first (multi-host runs)"
+  )
+  log_every: int = _flag(10, "steps between progress-bar and loss updates")
+
+  def __post_init__(self):
+    positive = (
+      "steps batch_size grad_accum lr rank update_interval seq_len eval_every"
+      " eval_batches checkpoint_every log_every"
+    )
+    for name in positive.split():
+      if not getattr(self, name) > 0:
+        raise ValueError(
+          f"--{_flag_name(name)} must be > 0, got {getattr(self, name)}."
+        )
+    if not 0 <= self.warmup < self.steps:
+      raise ValueError(
+        f"--warmup must be in [0, --steps); got {self.warmup} with --steps {self.steps}."
+      )
+    if self.batch_size % self.grad_accum:
+      raise ValueError(
+        f"--batch-size {self.batch_size} is not divisible by --grad-accum"
+        f" {self.grad_accum}."
+      )
+    if self.optimizer == "adamw" and (
+      self.adaptive_optimizer is not None or self.recovery_scaling is not None
+    ):
+      raise ValueError(
+        "--adaptive-optimizer and --recovery-scaling apply to the low-rank"
+        " optimizers, not adamw."
+      )
+    if self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS:
+      raise ValueError(
+        f"--step-size applies to grasswalk and subtrack_pp, not {self.optimizer}."
+      )
+    if self.resume and self.checkpoint_dir is None:
+      raise ValueError("--resume needs --checkpoint-dir.")
+    for name, choices in (
+      ("optimizer", OPTIMIZERS),
+      ("model", tuple(model_lib.CONFIGS)),
+      ("mesh", MESHES),
+      ("dtype", DTYPES),
+    ):
+      if getattr(self, name) not in choices:
+        raise ValueError(
+          f"unknown --{name} {getattr(self, name)!r}; choose from {', '.join(choices)}."
+        )
+
+  def with_optimizer(self, optimizer: str) -> TrainConfig:
+    """This configuration for ``optimizer``, without the settings it does not take.
+
+    ``step_size`` is dropped for optimizers without one, ``adaptive_optimizer``
+    and ``recovery_scaling`` for AdamW, so one shared configuration can run
+    every optimizer.
+    """
+    keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
+    low_rank = optimizer != "adamw"
+    return dataclasses.replace(
+      self,
+      optimizer=optimizer,
+      step_size=self.step_size if keeps_step else None,
+      adaptive_optimizer=self.adaptive_optimizer if low_rank else None,
+      recovery_scaling=self.recovery_scaling if low_rank else None,
+    )
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Sequences per micro-batch (one forward and backward pass)."""
+    return self.batch_size // self.grad_accum
+
+
+def _flag_name(field_name: str) -> str:
+  return field_name.replace("_", "-")
+
+
+def _base_type(annotation) -> type:
+  """``float`` for ``float | None``; the type itself otherwise."""
+  if isinstance(annotation, types.UnionType):
+    (base,) = (a for a in typing.get_args(annotation) if a is not type(None))
+    return base
+  return annotation
+
+
+def build_parser(
+  prog: str, description: str, exclude: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+  """An argparse parser with one flag per :class:`TrainConfig` field.
+
+  Args:
+    prog: the program's name in the usage line.
+    description: the parser's description.
+    exclude: field names to leave out (they keep their defaults).
+
+  Returns:
+    The parser; :func:`config_from_args` turns its result into a config.
+  """
+  parser = argparse.ArgumentParser(
+    prog=prog,
+    description=description,
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  hints = typing.get_type_hints(TrainConfig)
+  for field in dataclasses.fields(TrainConfig):
+    if field.name in exclude:
+      continue
+    kind = _base_type(hints[field.name])
+    flag = f"--{_flag_name(field.name)}"
+    if kind is bool:
+      parser.add_argument(
+        flag,
+        action=argparse.BooleanOptionalAction,
+        default=field.default,
+        help=field.metadata["help"],
+      )
+    else:
+      parser.add_argument(
+        flag,
+        type=kind,
+        default=field.default,
+        choices=field.metadata["choices"],
+        help=field.metadata["help"],
+      )
+  return parser
+
+
+def config_from_args(
+  parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> TrainConfig:
+  """The :class:`TrainConfig` of parsed flags; a bad value exits with a usage error."""
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  try:
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+  except ValueError as err:
+    parser.error(str(err))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+  """Parses the command line of ``examples.llama.train``."""
+  parser = build_parser(
+    "python -m examples.llama.train", "Pre-train a LLaMA model with grassjax."
+  )
+  return config_from_args(parser, parser.parse_args(argv))
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
+  """The model of ``cfg.model`` with the tokenizer's vocabulary and the run's settings."""
+  return model_lib.get_config(cfg.model).replace(
+    vocab_size=vocab_size,
+    max_seq_len=cfg.seq_len,
+    dtype=jnp.dtype(cfg.dtype),
+    scan_layers=cfg.scan_layers,
+    remat=cfg.remat,
+  )
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``cfg.lr``, then cosine decay to ``0.1 * cfg.lr``."""
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=cfg.warmup,
+    decay_steps=cfg.steps,
+    end_value=0.1 * cfg.lr,
+  )
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """Gradient clipping to norm 1, then the optimizer of ``cfg.optimizer``.
+
+  The low-rank optimizers project the attention and MLP kernels
+  (:func:`model.low_rank_mask`); the embeddings, norms and LM head get plain
+  Adam inside the same transformation.
+
+  Args:
+    cfg: the run's configuration.
+    total_steps: length of the learning-rate schedule.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  lr = learning_rate_schedule(dataclasses.replace(cfg, steps=total_steps))
+  if cfg.optimizer == "adamw":
+    return optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=cfg.weight_decay)
+    )
+  low_rank = {
+    "rank": cfg.rank,
+    "update_interval": cfg.update_interval,
+    "scale": cfg.scale,
+    "weight_decay": cfg.weight_decay,
+    "mask": model_lib.low_rank_mask,
+  }
+  for name in ("step_size", "adaptive_optimizer", "recovery_scaling"):
+    if getattr(cfg, name) is not None:
+      low_rank[name] = getattr(cfg, name)
+  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
+  if cfg.optimizer == "grasswalk":
+    tx = grassjax.grasswalk(lr, key=key, **low_rank)
+  elif cfg.optimizer == "grassjump":
+    tx = grassjax.grassjump(lr, key=key, **low_rank)
+  elif cfg.optimizer == "subtrack_pp":
+    tx = grassjax.subtrack_pp(lr, **low_rank)
+  else:
+    tx = grassjax.galore(lr, **low_rank)
+  return optax.chain(optax.clip_by_global_norm(1.0), tx)

@@ -1,0 +1,92 @@
+"""Device meshes and shardings for the three layouts of ``--mesh``.
+
+* ``none``: one device.
+* ``dp``: data parallel; the batch is split over all devices, the
+  parameters and optimizer state are replicated.
+* ``fsdp``: fully sharded; the batch is split over all devices and every
+  matrix (or stack of matrices) of the training state is sharded on its
+  largest dimension that the device count divides. Vectors and scalars (norm
+  scales, PRNG keys, step counts, recovery norms) are replicated: splitting
+  them saves nothing.
+
+The rule for ``fsdp`` looks at each state array's own shape, not at the
+parameter it belongs to: GrassWalk's moments of a projected ``(m, n)`` kernel
+are ``(r, n)`` and its basis is ``(m, r)``, and each is split on whichever of
+its own axes is largest.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def make_mesh(kind: str) -> Mesh:
+  """The mesh of ``--mesh``: a one-device mesh for ``none``, all devices otherwise.
+
+  Args:
+    kind: ``"none"``, ``"dp"`` or ``"fsdp"``.
+
+  Returns:
+    A one-axis mesh, its axis named ``"data"`` (none, dp) or ``"fsdp"``.
+
+  Raises:
+    ValueError: for ``none`` in a multi-process run.
+  """
+  if kind == "none":
+    if jax.process_count() > 1:
+      raise ValueError(
+        "--mesh none trains on one device; a multi-host run needs --mesh dp or fsdp."
+      )
+    return Mesh(np.array(jax.devices()[:1]), ("data",))
+  return Mesh(np.array(jax.devices()), ("fsdp" if kind == "fsdp" else "data",))
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int, ndim: int) -> NamedSharding:
+  """Splits axis ``batch_axis`` of an ``ndim``-dimensional batch over the mesh."""
+  spec = [None] * ndim
+  spec[batch_axis] = mesh.axis_names[0]
+  return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full array on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int, axis_name: str) -> P:
+  """Shards the largest dimension that ``num_devices`` divides; vectors replicate."""
+  if len(shape) < 2:
+    return P()
+  divisible = [d for d, size in enumerate(shape) if size % num_devices == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda d: shape[d])
+  return P(*(axis_name if d == axis else None for d in range(len(shape))))
+
+
+def state_shardings(abstract_state, mesh: Mesh, kind: str):
+  """A sharding for every array of the training state.
+
+  Args:
+    abstract_state: the state's pytree of ``jax.ShapeDtypeStruct``.
+    mesh: from :func:`make_mesh`.
+    kind: ``--mesh``.
+
+  Returns:
+    A pytree of ``NamedSharding`` with the structure of ``abstract_state``.
+  """
+  if kind != "fsdp":
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  axis_name = mesh.axis_names[0]
+  return jax.tree.map(
+    lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.size, axis_name)),
+    abstract_state,
+  )
+
+
+def put(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host batch as a global array; each process keeps only its devices' parts."""
+  return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])

@@ -1,0 +1,231 @@
+"""The LLaMA example's trainer, on a model shrunk far below ``tiny``.
+
+Every optimizer learns, a resumed run repeats an uninterrupted one bit for
+bit, bad input fails before anything is written, and data-parallel and
+fully-sharded runs over 4 host devices equal the one-device run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from examples.llama import checkpoint as checkpoint_lib
+from examples.llama import compare as compare_lib
+from examples.llama import config as config_lib
+from examples.llama import data as data_lib
+from examples.llama import model as model_lib
+from examples.llama import sharding as sharding_lib
+from examples.llama import train as train_lib
+
+ROOT = Path(__file__).absolute().parents[1]
+
+# A model and a run small enough to compile in seconds. The same settings are
+# used by the 4-device subprocess below.
+MODEL = dict(dim=32, hidden_dim=64, n_heads=2, n_layers=1, max_seq_len=32)
+RUN = dict(
+  steps=6,
+  batch_size=4,
+  seq_len=32,
+  lr=1e-2,
+  warmup=1,
+  rank=8,
+  update_interval=2,
+  eval_every=3,
+  eval_batches=1,
+  log_every=2,
+)
+
+
+def small_model() -> model_lib.LlamaConfig:
+  vocab = data_lib.load_tokenizer("byte").vocab_size
+  return model_lib.get_config("tiny").replace(vocab_size=vocab, **MODEL)
+
+
+def small_run(tmp_path: Path, **overrides) -> config_lib.TrainConfig:
+  return config_lib.TrainConfig(
+    **{**RUN, "out_dir": str(tmp_path / "out"), **overrides}
+  )
+
+
+def losses(result: train_lib.RunResult) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in result.records if "loss" in r}
+
+
+def test_every_optimizer_learns_and_compare_writes_its_report(tmp_path):
+  cfg = small_run(tmp_path, steps=8, out_dir=str(tmp_path / "cmp"))
+  results = compare_lib.compare(
+    cfg, config_lib.OPTIMIZERS, model_config=small_model(), progress=False
+  )
+  for name, result in results.items():
+    curve = list(losses(result).values())
+    assert len(curve) == 8, name
+    assert sum(curve[-2:]) / 2 < curve[0] - 0.3, (name, curve)
+    summary = result.summary
+    assert summary["final_eval_loss"] < curve[0], name
+    ratio = summary["state_bytes_ratio_to_adamw"]
+    assert ratio < 0.9 if name != "adamw" else ratio == pytest.approx(1, abs=1e-3)
+    run_dir = tmp_path / "cmp" / name
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert (run_dir / "loss.png").stat().st_size > 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(
+      result.records
+    )
+  table = (tmp_path / "cmp" / "compare.md").read_text()
+  for name in config_lib.OPTIMIZERS:
+    assert f"| {name} |" in table
+  assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  cfg = small_run(
+    tmp_path, optimizer="grasswalk", checkpoint_dir=str(ckpt), checkpoint_every=3
+  )
+  straight = train_lib.train(cfg, model_config=small_model(), progress=False)
+  # A run stopped after step 3 leaves the step-3 checkpoint as the latest.
+  shutil.rmtree(ckpt / "6")
+  resumed = train_lib.train(
+    dataclasses.replace(cfg, resume=True), model_config=small_model(), progress=False
+  )
+  assert losses(resumed) == losses(straight)
+  assert resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+
+  # Without --resume, a directory holding checkpoints is not reused.
+  with pytest.raises(FileExistsError, match="--resume"):
+    train_lib.train(cfg, model_config=small_model(), progress=False)
+
+  # Another configuration is refused, naming the fields, and nothing is touched.
+  metrics = (tmp_path / "out" / "metrics.jsonl").read_text()
+  steps = sorted(p.name for p in ckpt.iterdir())
+  other = dataclasses.replace(cfg, resume=True, rank=4, optimizer="grassjump", lr=0.1)
+  with pytest.raises(checkpoint_lib.ConfigMismatchError) as err:
+    train_lib.train(other, model_config=small_model(), progress=False)
+  for text in ("rank: checkpoint 8, now 4", "optimizer:", "lr:"):
+    assert text in str(err.value)
+  assert "seed" not in str(err.value)
+  with pytest.raises(
+    checkpoint_lib.ConfigMismatchError, match=r"model\.dim: checkpoint 32, now 48"
+  ):
+    train_lib.train(
+      dataclasses.replace(cfg, resume=True),
+      model_config=small_model().replace(dim=48),
+      progress=False,
+    )
+  assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics
+  assert sorted(p.name for p in ckpt.iterdir()) == steps
+
+
+def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
+  cfg = small_run(tmp_path, data_dir=str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError):
+    train_lib.train(cfg, model_config=small_model(), progress=False)
+  assert not (tmp_path / "out").exists()
+
+  for argv, message in (
+    (["--optimizer", "adam"], "subtrack_pp"),
+    (["--model", "3b"], "60m"),
+    (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
+    (["--warmup", "10", "--steps", "10"], "--warmup"),
+    (["--resume"], "--checkpoint-dir"),
+  ):
+    with pytest.raises(SystemExit):
+      config_lib.parse_args(argv)
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    compare_lib.parse_args(["--optimizers", "adamw,sgd"])
+  assert "sgd" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="optimizer"):
+    config_lib.TrainConfig(optimizer="sgd")
+
+
+def test_fsdp_shards_each_state_array_on_its_own_largest_axis():
+  assert sharding_lib.fsdp_spec((64, 128), 4, "fsdp") == P(None, "fsdp")
+  assert sharding_lib.fsdp_spec((2, 96, 40), 4, "fsdp") == P(None, "fsdp", None)
+  assert sharding_lib.fsdp_spec((250, 30), 4, "fsdp") == P()  # nothing divides
+  assert sharding_lib.fsdp_spec((64,), 4, "fsdp") == P()  # vectors are replicated
+
+
+SHARDED_RUNS = textwrap.dedent(
+  """
+  import json, sys
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from examples.llama import config as config_lib, sharding as sharding_lib, train as train_lib
+  from examples.llama import model as model_lib
+
+  assert jax.device_count() == 4, jax.devices()
+  out_dir, run, model = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+  model_config = model_lib.get_config("tiny").replace(**model)
+  out = {}
+  for mesh in ("none", "dp", "fsdp"):
+    cfg = config_lib.TrainConfig(**run, mesh=mesh, out_dir=f"{out_dir}/{mesh}")
+    result = train_lib.train(cfg, model_config=model_config, progress=False)
+    out[mesh] = [r["loss"] for r in result.records if "loss" in r]
+    out[mesh].append(result.summary["final_eval_loss"])
+
+  # Under fsdp the moments (r, n) and the basis (m, r) of a projected kernel
+  # are split on their own largest axis.
+  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  _, state = train_lib.abstract_train_state(model_config, tx, 0)
+  shardings = sharding_lib.state_shardings(state, sharding_lib.make_mesh("fsdp"), "fsdp")
+  specs = {}
+  for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(shardings)):
+    specs[jax.tree_util.keystr(path)] = (x.shape, tuple(s.spec))
+  out["specs"] = specs
+  print(json.dumps(out))
+  """
+)
+
+
+def test_dp_and_fsdp_over_four_devices_match_one_device(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  ).strip()
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      SHARDED_RUNS,
+      str(tmp_path),
+      json.dumps({**RUN, "batch_size": 8, "grad_accum": 2}),
+      json.dumps({**MODEL, "vocab_size": small_model().vocab_size}),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.splitlines()[-1])
+  for mesh in ("dp", "fsdp"):
+    assert out[mesh] == pytest.approx(out["none"], abs=1e-4), mesh
+  assert out["none"][-1] < out["none"][0] - 0.3
+  sharded = [
+    (shape, spec)
+    for name, (shape, spec) in out["specs"].items()
+    if "mu" in name and len(shape) == 2 and shape[0] == RUN["rank"]
+  ]
+  assert sharded, out["specs"]
+  for shape, spec in sharded:  # (r, n) moments: n is the largest divisible axis
+    assert spec == [None, "fsdp"], (shape, spec)
+  bases = [
+    (shape, spec)
+    for name, (shape, spec) in out["specs"].items()
+    if "basis" in name and len(shape) == 2
+  ]
+  assert bases
+  for shape, spec in bases:  # (m, r) bases: m = 32 > r = 8
+    assert spec == ["fsdp", None], (shape, spec)
