@@ -191,6 +191,19 @@ def _adam_direction(mu, nu, count, b1, b2, eps):
   return mu_hat / (jnp.sqrt(nu_hat) + eps)
 
 
+def _bias_correction(decay: jax.typing.ArrayLike, steps: jax.Array) -> jax.Array:
+  """``1 - decay^steps`` in float32, accurate to rounding.
+
+  ``V / c2 - (M / c1)^2`` cancels exactly after one step, so ``c`` must match
+  the ``(1 - decay)`` the moments were accumulated with: ``1 - 0.999^t`` with
+  0.999 rounded to float32 is off by 1.3e-5 relative, and that error would
+  leave a spurious variance. ``-expm1(t log1p(-(1 - decay)))`` with ``1 -
+  decay`` taken in Python's double precision is exact at ``t = 1``.
+  """
+  one_minus = 1.0 - decay  # double precision for a Python float
+  return -jnp.expm1(steps * jnp.log1p(-jnp.asarray(one_minus, jnp.float32)))
+
+
 def rotate_moments(
   rotation: jax.Array,
   mu: jax.Array,
@@ -225,8 +238,8 @@ def rotate_moments(
   Returns:
     ``(M', V')``, both ``(r, n)``.
   """
-  c1 = 1 - b1**steps
-  c2 = 1 - b2**steps
+  c1 = _bias_correction(b1, steps)
+  c2 = _bias_correction(b2, steps)
   mean = mu / c1
   variance = nu / c2 - jnp.square(mean)
   rotated_mean = rotation @ mean
