@@ -11,7 +11,8 @@ averages their gradients and applies the update. The host only waits for the
 device every ``--log-every`` steps, to read the losses.
 
 Written to ``--out-dir``: ``metrics.jsonl`` (the loss and learning rate of
-every step, tokens/s, evaluations), ``summary.json``, ``loss.png`` and, when
+every step, the energy fraction of each kind of projected kernel, tokens/s,
+evaluations), ``summary.json``, ``loss.png`` and, when
 ``tensorboardX`` is installed, TensorBoard events.
 """
 
@@ -33,6 +34,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+import grassjax
 from examples.llama import checkpoint as checkpoint_lib
 from examples.llama import config as config_lib
 from examples.llama import data as data_lib
@@ -104,12 +106,37 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def energy_by_layer_type(grads, opt_state) -> dict[str, jax.Array]:
+  """Mean energy fraction of each kind of projected kernel (q_proj, ..., down_proj).
+
+  ``R = ||S^T G||_F / ||G||_F`` (:func:`grassjax.diagnostics.energy_fraction`),
+  averaged over the layers: the share of the gradient the subspace keeps, the
+  quantity of the GrassWalk paper's energy-fraction figure. Empty for an
+  optimizer without a subspace (AdamW).
+  """
+  try:
+    fractions = grassjax.diagnostics.energy_fraction(grads, opt_state)
+  except ValueError:  # no SubspaceAdamState in the optimizer
+    return {}
+  groups: dict[str, list[jax.Array]] = {}
+  for path, fraction in jax.tree_util.tree_flatten_with_path(fractions)[0]:
+    name = jax.tree_util.keystr(path)
+    kind = next(k for k in model_lib.LOW_RANK_KERNELS if f"'{k}'" in name)
+    groups.setdefault(kind, []).append(fraction.reshape(-1))
+  return {
+    f"energy_{kind}": jnp.concatenate(values).mean()
+    for kind, values in sorted(groups.items())
+  }
+
+
 def make_train_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
-  """The jitted optimizer step ``(state, batch) -> (state, loss)``, state donated.
+  """The jitted optimizer step ``(state, batch) -> (state, metrics)``, state donated.
 
   ``batch`` is ``(grad_accum, micro_batch, seq_len + 1)`` int32 tokens; the
   gradients of the micro-batches are summed in a ``lax.scan`` and averaged,
-  so the step equals one step on the whole batch.
+  so the step equals one step on the whole batch. ``metrics`` holds the
+  ``loss`` and, for the low-rank optimizers, :func:`energy_by_layer_type` of
+  this step's gradient in the subspace it was projected on.
   """
 
   def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, jax.Array]:
@@ -130,7 +157,8 @@ def make_train_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
     totals, _ = jax.lax.scan(accumulate, zeros, batch)
     loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
     optimizer.update(model, grads)
-    return TrainState(nnx.state(model), nnx.state(optimizer)), loss
+    metrics = {"loss": loss, **energy_by_layer_type(grads, optimizer.opt_state)}
+    return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
 
   return jax.jit(
     train_step,
@@ -255,20 +283,23 @@ def record_losses(
   throughput: Throughput,
   bar: tqdm,
 ) -> None:
-  """Waits for the losses of the ``pending`` steps and records them.
+  """Waits for the metrics of the ``pending`` steps and records them.
 
-  Each step's loss and learning rate goes to ``metrics``; the throughput of
-  the lap, and the last loss, to the progress bar.
+  Each step's metrics (loss, energy fractions) and learning rate go to
+  ``metrics``; the throughput of the lap, and the last loss, to the progress
+  bar.
   """
-  losses = jax.device_get([loss for _, loss in pending])
+  values = jax.device_get([m for _, m in pending])
   rate = throughput.lap(len(pending))
   steps = [step for step, _ in pending]
   lrs = np.asarray(schedule(np.array(steps) - 1))
-  for step, loss, lr in zip(steps, losses, lrs, strict=True):
-    metrics.write({"step": step, "loss": float(loss), "lr": float(lr)})
+  for step, step_metrics, lr in zip(steps, values, lrs, strict=True):
+    record = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
+    metrics.write({**record, "lr": float(lr)})
   if rate is not None:
     metrics.write({"step": steps[-1], "tokens_per_sec": rate})
-    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+    last = values[-1]["loss"]
+    bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
   bar.update(len(pending))
 
 
@@ -417,8 +448,8 @@ def train(
   final_eval = None
   for step in range(start + 1, cfg.steps + 1):
     tokens = next(batches).reshape(cfg.grad_accum, cfg.micro_batch_size, -1)
-    state, loss = train_step(state, sharding_lib.put(tokens, train_batch))
-    pending.append((step, loss))
+    state, step_metrics = train_step(state, sharding_lib.put(tokens, train_batch))
+    pending.append((step, step_metrics))
 
     last = step == cfg.steps
     evaluate_now = step % cfg.eval_every == 0 or last
@@ -461,6 +492,11 @@ def train(
     "final_train_loss": next(
       r["loss"] for r in reversed(metrics.records) if "loss" in r
     ),
+    "final_energy_fraction": {
+      k: v
+      for k, v in next(r for r in reversed(metrics.records) if "loss" in r).items()
+      if k.startswith("energy_")
+    },
     "final_eval_loss": final_eval["eval_loss"],
     "final_eval_ppl": final_eval["eval_ppl"],
     "tokens_per_sec": throughput.tokens_per_sec,
@@ -490,6 +526,10 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"  (AdamW: {summary['adamw_state_bytes'] / 2**20:,.2f} MiB,"
       f" ratio {summary['state_bytes_ratio_to_adamw']:.3f})",
       f"  wall time           {summary['wall_seconds']:.0f} s",
+    ]
+    + [
+      f"  energy fraction     {kind.removeprefix('energy_'):9s} {value:.3f}"
+      for kind, value in summary["final_energy_fraction"].items()
     ]
   )
 
