@@ -76,12 +76,12 @@ def plot_comparison(
   results: dict[str, train_lib.RunResult], path: Path, title: str
 ) -> None:
   """All runs' training and validation loss curves in one plot."""
-  import matplotlib
+  # A bare Figure needs no backend and leaves pyplot's state (and a notebook's
+  # inline display) alone.
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig = Figure(figsize=(8, 5))
+  ax = fig.subplots()
   for i, (name, result) in enumerate(results.items()):
     train_lib.plot_run(ax, result.records, label=name, color=f"C{i}")
   ax.set(xlabel="step", ylabel="loss", title=title)
@@ -89,7 +89,6 @@ def plot_comparison(
   ax.legend(ncol=2, fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def compare(

@@ -311,19 +311,18 @@ def evaluate(eval_step, state: TrainState, batches: Sequence[jax.Array]) -> floa
 
 def plot_losses(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
   """Writes the training and validation loss curves of ``records`` to ``path``."""
-  import matplotlib
+  # A bare Figure needs no backend and leaves pyplot's state (and a notebook's
+  # inline display) alone.
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   plot_run(ax, records, label="", color="C0")
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_run(ax, records: Sequence[dict[str, Any]], label: str, color: str) -> None:
