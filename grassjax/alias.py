@@ -98,7 +98,8 @@ def grasswalk(
       exceed it.
     key: PRNG key of the walk.
     update_interval: ``T``, steps between subspace updates.
-    step_size: rotation angle per update (radians).
+    step_size: rotation angle per update (radians); default ``pi / 2``
+      (:data:`grassjax.subspace.DEFAULT_WALK_ANGLE`, chosen by a sweep).
     scale: multiplies the low-rank update and the recovery term.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.

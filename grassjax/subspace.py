@@ -30,6 +30,7 @@ handbook" (2024): a tangent vector at ``S`` is an ``(m, r)`` matrix ``H`` with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -276,7 +277,13 @@ def tracking(
   return SubspaceRule(init=_svd_basis, update=update, name="tracking")
 
 
-DEFAULT_WALK_ANGLE = 0.2
+# GrassWalk's default rotation angle per update, from a sweep of 0.05 to pi/2
+# rad with the LLaMA example (python -m benchmarks.walk_angle: tiny model, 600
+# steps, rank 32, an update every 50 steps, one seed): the final eval loss was
+# flat from 0.05 to 0.5 (1.988) and fell with larger angles, lowest at pi/2
+# (1.980), where each update swaps one basis direction for an orthogonal one.
+# The differences are small; benchmarks/results/walk_angle-cpu.md has the table.
+DEFAULT_WALK_ANGLE = math.pi / 2
 
 
 def random_walk(
@@ -297,7 +304,8 @@ def random_walk(
     step_size: with ``normalize=True`` (default) the geodesic distance of each
       step in radians: ``Sigma`` is rescaled to unit Frobenius norm, so a
       rank-1 walk rotates one direction of the subspace by exactly
-      ``step_size``. With ``normalize=False`` the raw Gaussian scale is kept
+      ``step_size``. Default :data:`DEFAULT_WALK_ANGLE` (``pi / 2``, chosen by
+      a sweep; see its comment). With ``normalize=False`` the raw Gaussian scale is kept
       (the papers' literal reading), where ``sigma ~ sqrt(m)`` turns the tables'
       step sizes (10 to 10000) into angles of thousands of radians.
     tangent_rank: rank of the tangent per step (1: a rank-1 rotation).

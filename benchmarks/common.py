@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmark scripts: timing, stamps and result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS_DIR = Path(__file__).absolute().parent / "results"
+
+
+def stamp() -> dict[str, Any]:
+  """Where and when a result was measured."""
+  device = jax.devices()[0]
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": f"{device.platform}: {device.device_kind}",
+    "device_count": jax.device_count(),
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+  }
+
+
+def median_seconds(
+  fn: Callable[..., Any], *args: Any, repeats: int = 20, budget_seconds: float = 30.0
+) -> tuple[float, int]:
+  """Median wall time of ``fn(*args)`` with the result ready, after a warm-up call.
+
+  Args:
+    fn: a (jitted) function.
+    *args: its arguments (reused by every call: ``fn`` must not donate them).
+    repeats: timed calls at most.
+    budget_seconds: fewer calls (at least one) when ``repeats`` of them would
+      take longer than this, judged by the first timed call.
+
+  Returns:
+    ``(median seconds, number of timed calls)``.
+  """
+  jax.block_until_ready(fn(*args))  # compiles
+  times: list[float] = []
+  while len(times) < repeats:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+    if len(times) == 1:
+      repeats = max(1, min(repeats, int(budget_seconds / times[0])))
+  return statistics.median(times), len(times)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A markdown table; floats get 4 significant digits."""
+
+  def cell(value: Any) -> str:
+    if isinstance(value, float):
+      return f"{value:.4g}"
+    return str(value)
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(
+  name: str, meta: dict[str, Any], records: list[dict[str, Any]], tables: str
+) -> Path:
+  """Writes ``results/<name>-<platform>.json`` and ``.md``; returns the JSON path.
+
+  The platform (cpu, gpu, tpu) is part of the name so that runs on different
+  devices sit side by side; the markdown starts with the stamp, so a table is
+  never read without knowing where it was measured.
+  """
+  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  info = {**stamp(), **meta}
+  name = f"{name}-{jax.devices()[0].platform}"
+  path = RESULTS_DIR / f"{name}.json"
+  path.write_text(json.dumps({"meta": info, "records": records}, indent=2) + "\n")
+  header = ", ".join(f"{k}: {v}" for k, v in info.items())
+  (RESULTS_DIR / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{tables}")
+  return path
