@@ -129,6 +129,8 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
   cfg = small_run(tmp_path, data_dir=str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError):
     train_lib.train(cfg, model_config=small_model(), progress=False)
+  with pytest.raises(SystemExit, match=r"error: data directory .* does not exist"):
+    train_lib.main(["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir])
   assert not (tmp_path / "out").exists()
 
   for argv, message in (

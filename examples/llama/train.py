@@ -538,7 +538,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   cfg = config_lib.parse_args(argv)
   if cfg.distributed:
     jax.distributed.initialize()
-  result = train(cfg)
+  try:
+    result = train(cfg)
+  except (
+    FileNotFoundError,
+    FileExistsError,
+    checkpoint_lib.ConfigMismatchError,
+  ) as err:  # bad input: say what is wrong, without a traceback
+    raise SystemExit(f"python -m examples.llama.train: error: {err}") from None
   if jax.process_index() == 0:
     print(format_summary(result.summary))
     print(f"  outputs             {cfg.out_dir}/")
