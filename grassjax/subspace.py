@@ -227,7 +227,11 @@ def svd() -> SubspaceRule:
 
 
 def fixed() -> SubspaceRule:
-  """The SVD basis of the first gradient, never updated (the "no subspace update" ablation)."""
+  """The SVD basis of the first gradient, never updated (the "no subspace update" ablation).
+
+  ``init(G_1) = U[:, :r]`` with ``G_1 = U Sigma V^T`` ``(m, n)``, as :func:`svd`;
+  ``update(S, G) = S``.
+  """
   return SubspaceRule(
     init=_svd_basis, update=lambda basis, grad, key: basis, name="fixed"
   )
