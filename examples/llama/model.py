@@ -7,7 +7,10 @@ the token embedding. Shapes: tokens ``(batch, seq)`` int32 in, logits
 ``(batch, seq, vocab_size)`` float32 out.
 
 Parameters are float32 (the master weights the optimizer updates); ``dtype``
-sets the compute dtype (``bfloat16`` halves activation memory). With
+sets the compute dtype of the embedding, the blocks and the residual stream
+(``bfloat16`` halves activation memory). The parts that decide the loss stay
+float32 whatever ``dtype`` is: the attention softmax, the RMSNorm statistics,
+the rotary rotation and the LM head, whose logits are float32. With
 ``scan_layers`` the blocks are stacked, every kernel gaining a leading
 ``(n_layers,)`` axis, and run by one ``nnx.scan`` (one block to compile instead
 of ``n_layers``); grassjax treats the leading axis as a batch of independent
@@ -49,7 +52,8 @@ class LlamaConfig:
     max_seq_len: longest sequence the model accepts.
     norm_eps: RMSNorm's epsilon.
     rope_theta: base of the rotary frequencies.
-    dtype: compute dtype; the parameters are float32 whatever it is.
+    dtype: compute dtype (stored as a ``jnp.dtype``); the parameters are
+      float32 whatever it is.
     scan_layers: stack the blocks and run them with ``nnx.scan``.
     remat: recompute block activations in the backward pass.
   """
@@ -67,6 +71,14 @@ class LlamaConfig:
   remat: bool = False
 
   def __post_init__(self):
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError as err:
+      raise ValueError(f"LlamaConfig.dtype: {err}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"LlamaConfig.dtype must be a float dtype, got {dtype}.")
+    # One canonical form (jnp.float32 and jnp.dtype("float32") hash differently).
+    object.__setattr__(self, "dtype", dtype)
     for name in (
       "vocab_size",
       "dim",
@@ -77,6 +89,9 @@ class LlamaConfig:
     ):
       if not getattr(self, name) >= 1:
         raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    for name in ("norm_eps", "rope_theta"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"LlamaConfig.{name} must be > 0, got {getattr(self, name)}.")
     if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
       raise ValueError(
         f"LlamaConfig: dim {self.dim} must split into {self.n_heads} heads of an"
@@ -113,7 +128,12 @@ def get_config(name: str) -> LlamaConfig:
 
 
 def param_count(config: LlamaConfig) -> int:
-  """``V d`` (embedding) + ``L (4 d^2 + 3 d h + 2 d)`` + ``d`` (final norm) + ``d V``."""
+  """The number of parameters of ``config``'s model, in closed form.
+
+  ``V d`` (embedding) + ``L (4 d^2 + 3 d h + 2 d)`` (attention, MLP, two norms
+  per block) + ``d`` (final norm) + ``d V`` (LM head), for vocabulary ``V``,
+  width ``d``, hidden width ``h`` and ``L`` layers.
+  """
   d, h, v = config.dim, config.hidden_dim, config.vocab_size
   return v * d + config.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d + d * v
 
@@ -132,28 +152,51 @@ def low_rank_mask(params: Any) -> Any:
   """
 
   def is_low_rank(path, _) -> bool:
+    # An nnx.State path ends in ``.value`` (the Variable's array), a pure dict's
+    # in the parameter's name: ``['layers'][0]['attention']['q_proj']['kernel']``,
+    # or ``['layers']['attention']['q_proj']['kernel']`` with scanned layers.
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return any(n in LOW_RANK_KERNELS for n in names) and names[-1] in (
-      "kernel",
-      "value",
-    )
+    if names and names[-1] == "value":
+      names = names[:-1]
+    return len(names) >= 2 and names[-1] == "kernel" and names[-2] in LOW_RANK_KERNELS
 
   return jax.tree_util.tree_map_with_path(is_low_rank, params)
 
 
-def _dense(config: LlamaConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+def _dense(
+  config: LlamaConfig, d_in: int, d_out: int, rngs: nnx.Rngs, dtype: Any = None
+) -> nnx.Linear:
+  """A bias-free linear layer: float32 ``(d_in, d_out)`` kernel, ``N(0, 0.02^2)``.
+
+  It computes in ``dtype``, ``config.dtype`` unless given.
+  """
   return nnx.Linear(
     d_in,
     d_out,
     use_bias=False,
-    dtype=config.dtype,
+    dtype=config.dtype if dtype is None else dtype,
+    param_dtype=jnp.float32,
     kernel_init=nnx.initializers.normal(0.02),
     rngs=rngs,
   )
 
 
+def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """RMSNorm over the ``dim`` features: float32 scale (ones), float32 statistics."""
+  return nnx.RMSNorm(
+    config.dim,
+    epsilon=config.norm_eps,
+    dtype=config.dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
+
+
 def rotary_angles(config: LlamaConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
-  """``cos`` and ``sin`` of ``position * theta^(-2i / head_dim)``, each ``(seq, head_dim/2)``."""
+  """The rotary angles' ``cos`` and ``sin``, each ``(seq_len, head_dim / 2)``.
+
+  Position ``p``'s ``i``-th angle is ``p * rope_theta^(-2i / head_dim)``.
+  """
   half = config.head_dim // 2
   freqs = config.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freqs[None, :]
@@ -161,7 +204,13 @@ def rotary_angles(config: LlamaConfig, seq_len: int) -> tuple[jax.Array, jax.Arr
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates the pairs ``(x[..., i], x[..., i + head_dim/2])`` of ``x`` ``(b, s, heads, head_dim)``."""
+  """Rotates ``x`` ``(b, s, heads, head_dim)`` by the angles of its positions.
+
+  Pairs ``(x[..., i], x[..., i + head_dim / 2])`` are rotated (the split-half
+  layout of GPT-NeoX and Hugging Face's LLaMA, not Meta's interleaved pairs;
+  the two are the same model up to a permutation of the q and k columns).
+  The rotation runs in float32 and returns ``x``'s dtype.
+  """
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   cos, sin = cos[:, None, :], sin[:, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -207,10 +256,9 @@ class Block(nnx.Module):
   """``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    norm = dict(epsilon=config.norm_eps, dtype=config.dtype, rngs=rngs)
-    self.attention_norm = nnx.RMSNorm(config.dim, **norm)
+    self.attention_norm = _rms_norm(config, rngs)
     self.attention = Attention(config, rngs=rngs)
-    self.mlp_norm = nnx.RMSNorm(config.dim, **norm)
+    self.mlp_norm = _rms_norm(config, rngs)
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -230,6 +278,7 @@ class Llama(nnx.Module):
       config.vocab_size,
       config.dim,
       dtype=config.dtype,
+      param_dtype=jnp.float32,
       embedding_init=nnx.initializers.normal(0.02),
       rngs=rngs,
     )
@@ -243,10 +292,9 @@ class Llama(nnx.Module):
       self.layers = stacked_blocks(rngs)
     else:
       self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
-    self.norm = nnx.RMSNorm(
-      config.dim, epsilon=config.norm_eps, dtype=config.dtype, rngs=rngs
-    )
-    self.lm_head = _dense(config, config.dim, config.vocab_size, rngs)
+    self.norm = _rms_norm(config, rngs)
+    # float32 logits, computed in float32: the loss is only as precise as they are.
+    self.lm_head = _dense(config, config.dim, config.vocab_size, rngs, jnp.float32)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """``tokens`` ``(b, s)`` int32 -> logits ``(b, s, vocab_size)`` float32."""
