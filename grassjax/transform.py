@@ -289,8 +289,9 @@ def scale_by_subspace_adam(
      Without recovery scaling, ``Lambda = 0``.
 
   ``S_t D + Lambda`` is computed as ``S_t (D - c G~) + c G`` with ``c`` the
-  column scales, so no ``(m, n)`` buffer beyond the gradient, the update and
-  one transient product is needed. Parameters that are not projected get
+  column scales, and ``||Delta[:, i]||^2`` as ``||G[:, i]||^2 - ||G~[:, i]||^2``,
+  so a step costs two products with ``S_t`` (``S_t^T G`` and ``S_t (...)``) and
+  needs no ``(m, n)`` buffer beyond the gradient and the update. Parameters that are not projected get
   plain Adam with the same ``b1, b2, eps`` (equal to ``optax.scale_by_adam``),
   not multiplied by ``scale``.
 
@@ -447,7 +448,11 @@ def scale_by_subspace_adam(
     phi = jnp.linalg.norm(direction, axis=0) / (
       jnp.linalg.norm(g_low, axis=0) + _RS_EPS
     )
-    residual_sq = jnp.sum(jnp.square(g - basis @ g_low), axis=0)
+    # ||Delta[:, i]||^2 = ||G[:, i]||^2 - ||G~[:, i]||^2 (S has orthonormal
+    # columns): the limiter needs no third (m, n) product.
+    residual_sq = jnp.maximum(
+      jnp.sum(jnp.square(g), axis=0) - jnp.sum(jnp.square(g_low), axis=0), 0.0
+    )
     lam_norm = jnp.sqrt(jnp.sum(jnp.square(phi) * residual_sq))
     cap = zeta * (rnorm + _RS_EPS)
     limit = (count > 0) & (lam_norm > cap)
