@@ -58,6 +58,15 @@ def median_seconds(
   return statistics.median(times), len(times)
 
 
+def display_path(path: str | Path) -> str:
+  """``path`` relative to the working directory when it lies under it."""
+  path = Path(path).absolute()
+  try:
+    return str(path.relative_to(Path.cwd()))
+  except ValueError:
+    return str(path)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A markdown table; floats get 4 significant digits."""
 

@@ -1,0 +1,255 @@
+"""Speed: optimizer step time against optax.adamw, and subspace-update cost against SVD.
+
+    python -m benchmarks.speed                 # everything (CPU: ~10 minutes)
+    python -m benchmarks.speed --quick         # smaller model and shapes
+
+Two measurements, each the median wall time of a compiled call:
+
+1. **Optimizer step.** ``tx.update`` and ``optax.apply_updates`` on the
+   parameters of a LLaMA config (default ``60m``; the attention and MLP
+   kernels projected at the papers' rank, everything else AdamW), run in a
+   jitted ``fori_loop`` as a training loop runs them: the time of a step that
+   keeps the basis, of one that updates it, and the amortized time over the
+   update interval ``T``, ``((T - 1) * keep + update) / T``. Ratios are to
+   ``optax.adamw`` on the same parameters. The target is an amortized ratio
+   within 1.10.
+2. **Subspace update.** One ``update`` of each rule of :mod:`grassjax.subspace`
+   on a ``(m, n)`` gradient, against GaLore's SVD (``svd()``), at ranks 128 to
+   1024. The target is random_walk and random_jump at least 10x cheaper than the
+   SVD on the largest shape.
+
+Results go to ``benchmarks/results/speed-<platform>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import grassjax
+from benchmarks import common
+from examples.llama import model as model_lib
+
+OPTIMIZERS = ("galore", "grasswalk", "grassjump", "subtrack_pp")
+SHAPES = ((512, 1376), (2048, 5461), (4096, 11008))
+RANKS = (128, 256, 512, 1024)
+PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+
+
+def make_optimizer(name: str, rank: int, update_interval: int):
+  """The optimizer ``name`` as the LLaMA example builds it (no clipping, no schedule)."""
+  if name == "adamw":
+    return optax.adamw(1e-3, weight_decay=0.01)
+  kwargs = dict(
+    rank=rank,
+    update_interval=update_interval,
+    weight_decay=0.01,
+    mask=model_lib.low_rank_mask,
+  )
+  if name in ("grasswalk", "grassjump"):
+    kwargs["key"] = jax.random.key(0)
+  return getattr(grassjax, name)(1e-3, **kwargs)
+
+
+def with_count(state, count: int):
+  """``state`` with every step counter set to ``count``."""
+
+  def set_count(path, x):
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
+      return jnp.full_like(x, count)
+    return x
+
+  return jax.tree_util.tree_map_with_path(set_count, state)
+
+
+def training_loop(tx: optax.GradientTransformation, steps: int):
+  """``steps`` optimizer steps in one jitted loop, as a training loop runs them.
+
+  Each step computes ``tx.update`` and applies it to the parameters, which the
+  loop carries with the optimizer state (so the update cannot be optimized
+  away, and buffers are reused from step to step as with donated state). The
+  gradient is fixed: only the optimizer is timed.
+  """
+
+  @jax.jit
+  def loop(grads, state, params):
+    def step(_, carry):
+      params, state = carry
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, steps, step, (params, state))
+
+  return loop
+
+
+def step_times(model: str, update_interval: int, keep_steps: int) -> list[dict]:
+  """Per-step optimizer times on ``model``'s parameters, for each optimizer.
+
+  Two loops start right after a subspace update (step counter 1): one of
+  ``keep_steps`` steps that keep the basis, and one of ``update_interval`` steps
+  whose last step updates it. The first gives the keep-step time, the second
+  the amortized time; the update step's time is what the second has beyond
+  ``update_interval - 1`` keep steps.
+  """
+  config = model_lib.get_config(model)
+  params = nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(
+    lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params
+  )
+  rank = PAPER_RANKS[model]
+  keep_steps = min(keep_steps, update_interval - 1)
+  records = []
+  adamw_seconds = None
+  for name in ("adamw", *OPTIMIZERS):
+    tx = make_optimizer(name, rank, update_interval)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)  # makes the bases
+    state = with_count(state, 1)
+    keep_loop, n_keep = common.median_seconds(
+      training_loop(tx, keep_steps), grads, state, params, repeats=5
+    )
+    interval_loop, n_interval = common.median_seconds(
+      training_loop(tx, update_interval), grads, state, params, repeats=3
+    )
+    keep = keep_loop / keep_steps
+    amortized = interval_loop / update_interval
+    move = interval_loop - (update_interval - 1) * keep
+    if name == "adamw":
+      adamw_seconds = amortized
+    records.append(
+      {
+        "optimizer": name,
+        "model": model,
+        "rank": rank,
+        "update_interval": update_interval,
+        "keep_step_s": keep,
+        "update_step_s": move,
+        "amortized_s": amortized,
+        "amortized_ratio_to_adamw": amortized / adamw_seconds,
+        "keep_ratio_to_adamw": keep / adamw_seconds,
+        "timed_loops": [n_keep, n_interval],
+      }
+    )
+    print(
+      f"step  {name:12s} keep {keep * 1e3:9.2f} ms  update {move * 1e3:9.2f} ms"
+      f"  amortized {amortized / adamw_seconds:6.3f}x adamw"
+    )
+  return records
+
+
+def rule_update_times(
+  shapes: tuple[tuple[int, int], ...], ranks: tuple[int, ...], repeats: int
+) -> list[dict]:
+  """Median time of one basis update per rule, shape and rank."""
+  rules = {
+    "svd (GaLore)": grassjax.subspace.svd(),
+    "tracking (SubTrack++)": grassjax.subspace.tracking(),
+    "random_walk (GrassWalk)": grassjax.subspace.random_walk(),
+    "random_jump (GrassJump)": grassjax.subspace.random_jump(),
+  }
+  records = []
+  for m, n in shapes:
+    grad = jax.random.normal(jax.random.key(0), (m, n), jnp.float32)
+    for rank in (r for r in ranks if r <= m):
+      basis = grassjax.subspace.orthonormalize(
+        jax.random.normal(jax.random.key(1), (m, rank), jnp.float32)
+      )
+      key = jax.random.key(2)
+      svd_seconds = None
+      for name, rule in rules.items():  # svd first: the others are compared to it
+        seconds, calls = common.median_seconds(
+          jax.jit(rule.update), basis, grad, key, repeats=repeats
+        )
+        if svd_seconds is None:
+          svd_seconds = seconds
+        records.append(
+          {
+            "rule": name,
+            "shape": [m, n],
+            "rank": rank,
+            "seconds": seconds,
+            "svd_over_rule": svd_seconds / seconds,
+            "timed_calls": calls,
+          }
+        )
+        print(
+          f"rule  {m}x{n} r={rank:4d} {name:24s} {seconds * 1e3:10.2f} ms"
+          f"  SVD / this = {svd_seconds / seconds:8.1f}"
+        )
+  return records
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="60m", choices=tuple(PAPER_RANKS))
+  parser.add_argument("--update-interval", type=int, default=200)
+  parser.add_argument(
+    "--keep-steps", type=int, default=20, help="length of the keep-step loop"
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=10, help="timed calls per subspace update"
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny model, the smallest shape only"
+  )
+  args = parser.parse_args(argv)
+  model = "tiny" if args.quick else args.model
+  shapes = SHAPES[:1] if args.quick else SHAPES
+
+  steps = step_times(model, args.update_interval, args.keep_steps)
+  rules = rule_update_times(shapes, RANKS, args.repeats)
+
+  step_rows = [
+    (
+      r["optimizer"],
+      r["keep_step_s"] * 1e3,
+      r["update_step_s"] * 1e3,
+      r["amortized_s"] * 1e3,
+      r["amortized_ratio_to_adamw"],
+    )
+    for r in steps
+  ]
+  rule_rows = [
+    (
+      f"{r['shape'][0]}x{r['shape'][1]}",
+      r["rank"],
+      r["rule"],
+      r["seconds"] * 1e3,
+      r["svd_over_rule"],
+    )
+    for r in rules
+  ]
+  tables = (
+    f"## Optimizer step, LLaMA {model} parameters (rank {PAPER_RANKS[model]},"
+    f" T = {args.update_interval})\n\n"
+    + common.markdown_table(
+      (
+        "optimizer",
+        "keep step (ms)",
+        "update step (ms)",
+        "amortized (ms)",
+        "amortized / adamw",
+      ),
+      step_rows,
+    )
+    + "\n## One subspace update\n\n"
+    + common.markdown_table(
+      ("shape", "rank", "rule", "time (ms)", "SVD time / rule time"), rule_rows
+    )
+  )
+  path = common.write_results(
+    "speed",
+    {"model": model, "update_interval": args.update_interval, "quick": args.quick},
+    steps + rules,
+    tables,
+  )
+  print(f"\nwrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+  main()
