@@ -1,6 +1,6 @@
 """Speed: optimizer step time against optax.adamw, and subspace-update cost against SVD.
 
-    python -m benchmarks.speed                 # everything (CPU: ~10 minutes)
+    python -m benchmarks.speed                 # everything (CPU: ~7 minutes)
     python -m benchmarks.speed --quick         # smaller model and shapes
 
 Two measurements, each the median wall time of a compiled call:
@@ -8,11 +8,11 @@ Two measurements, each the median wall time of a compiled call:
 1. **Optimizer step.** ``tx.update`` and ``optax.apply_updates`` on the
    parameters of a LLaMA config (default ``60m``; the attention and MLP
    kernels projected at the papers' rank, everything else AdamW), run in a
-   jitted ``fori_loop`` as a training loop runs them: the time of a step that
-   keeps the basis, of one that updates it, and the amortized time over the
-   update interval ``T``, ``((T - 1) * keep + update) / T``. Ratios are to
-   ``optax.adamw`` on the same parameters. The target is an amortized ratio
-   within 1.10.
+   jitted ``fori_loop`` with donated state, as a training loop runs them (see
+   :func:`step_times`): the time of a step that keeps the basis, of one that
+   updates it, and the amortized time over the update interval ``T``. Ratios
+   are to ``optax.adamw`` on the same parameters. The target is an amortized
+   ratio within 1.10.
 2. **Subspace update.** One ``update`` of each rule of :mod:`grassjax.subspace`
    on a ``(m, n)`` gradient, against GaLore's SVD (``svd()``), at ranks 128 to
    1024. The target is random_walk and random_jump at least 10x cheaper than the
@@ -24,6 +24,8 @@ Results go to ``benchmarks/results/speed-<platform>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +74,11 @@ def training_loop(tx: optax.GradientTransformation, steps: int):
 
   Each step computes ``tx.update`` and applies it to the parameters, which the
   loop carries with the optimizer state (so the update cannot be optimized
-  away, and buffers are reused from step to step as with donated state). The
-  gradient is fixed: only the optimizer is timed.
+  away). State and parameters are donated, so the loop updates them in place
+  as a training step with donated state does. The gradient is fixed: only the
+  optimizer is timed.
   """
 
-  @jax.jit
   def loop(grads, state, params):
     def step(_, carry):
       params, state = carry
@@ -85,17 +87,30 @@ def training_loop(tx: optax.GradientTransformation, steps: int):
 
     return jax.lax.fori_loop(0, steps, step, (params, state))
 
-  return loop
+  return jax.jit(loop, donate_argnums=(1, 2))
 
 
-def step_times(model: str, update_interval: int, keep_steps: int) -> list[dict]:
+def time_donated(compiled, grads, state, params) -> float:
+  """Seconds of one call of ``compiled`` on fresh copies of the donated inputs."""
+  state, params = jax.block_until_ready(jax.tree.map(jnp.copy, (state, params)))
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(grads, state, params))
+  return time.perf_counter() - start
+
+
+def step_times(
+  model: str, update_interval: int, loop_steps: int, rounds: int
+) -> list[dict]:
   """Per-step optimizer times on ``model``'s parameters, for each optimizer.
 
-  Two loops start right after a subspace update (step counter 1): one of
-  ``keep_steps`` steps that keep the basis, and one of ``update_interval`` steps
-  whose last step updates it. The first gives the keep-step time, the second
-  the amortized time; the update step's time is what the second has beyond
-  ``update_interval - 1`` keep steps.
+  The keep step (the basis is kept) is the time of a donated loop of
+  ``loop_steps`` such steps over ``loop_steps``; the optimizers' loops take
+  turns for ``rounds`` rounds and each keeps its median, so a slow spell of
+  the machine does not fall on one optimizer only. The update step costs the
+  keep step plus the difference between one ``tx.update`` call that updates
+  the basis and one that keeps it (single calls, whose fixed costs cancel).
+  The amortized step over ``T = update_interval`` is ``keep + (update - keep)
+  / T``.
   """
   config = model_lib.get_config(model)
   params = nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
@@ -103,22 +118,28 @@ def step_times(model: str, update_interval: int, keep_steps: int) -> list[dict]:
     lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params
   )
   rank = PAPER_RANKS[model]
-  keep_steps = min(keep_steps, update_interval - 1)
-  records = []
-  adamw_seconds = None
-  for name in ("adamw", *OPTIMIZERS):
+  names = ("adamw", *OPTIMIZERS)
+  setups = {}
+  for name in names:
     tx = make_optimizer(name, rank, update_interval)
     _, state = jax.jit(tx.update)(grads, tx.init(params), params)  # makes the bases
-    state = with_count(state, 1)
-    keep_loop, n_keep = common.median_seconds(
-      training_loop(tx, keep_steps), grads, state, params, repeats=5
+    keep_state = with_count(state, 1)  # steps 2 .. loop_steps + 1 keep the basis
+    one_keep, one_update = (
+      common.median_seconds(jax.jit(tx.update), grads, s, params)[0]
+      for s in (keep_state, with_count(state, update_interval))
     )
-    interval_loop, n_interval = common.median_seconds(
-      training_loop(tx, update_interval), grads, state, params, repeats=3
-    )
-    keep = keep_loop / keep_steps
-    amortized = interval_loop / update_interval
-    move = interval_loop - (update_interval - 1) * keep
+    loop = training_loop(tx, loop_steps).lower(grads, keep_state, params).compile()
+    setups[name] = (loop, keep_state, one_update - one_keep)
+  loop_seconds = {name: [] for name in names}
+  for _ in range(rounds):
+    for name, (loop, state, _) in setups.items():
+      loop_seconds[name].append(time_donated(loop, grads, state, params))
+
+  records = []
+  for name in names:
+    keep = statistics.median(loop_seconds[name]) / loop_steps
+    move = keep + setups[name][2]
+    amortized = keep + (move - keep) / update_interval
     if name == "adamw":
       adamw_seconds = amortized
     records.append(
@@ -132,7 +153,8 @@ def step_times(model: str, update_interval: int, keep_steps: int) -> list[dict]:
         "amortized_s": amortized,
         "amortized_ratio_to_adamw": amortized / adamw_seconds,
         "keep_ratio_to_adamw": keep / adamw_seconds,
-        "timed_loops": [n_keep, n_interval],
+        "loop_steps": loop_steps,
+        "loop_s": loop_seconds[name],
       }
     )
     print(
@@ -189,7 +211,10 @@ def main(argv=None) -> None:
   parser.add_argument("--model", default="60m", choices=tuple(PAPER_RANKS))
   parser.add_argument("--update-interval", type=int, default=200)
   parser.add_argument(
-    "--keep-steps", type=int, default=20, help="length of the keep-step loop"
+    "--loop-steps", type=int, default=20, help="steps per timed training loop"
+  )
+  parser.add_argument(
+    "--rounds", type=int, default=5, help="timed loops per optimizer, taking turns"
   )
   parser.add_argument(
     "--repeats", type=int, default=10, help="timed calls per subspace update"
@@ -201,7 +226,7 @@ def main(argv=None) -> None:
   model = "tiny" if args.quick else args.model
   shapes = SHAPES[:1] if args.quick else SHAPES
 
-  steps = step_times(model, args.update_interval, args.keep_steps)
+  steps = step_times(model, args.update_interval, args.loop_steps, args.rounds)
   rules = rule_update_times(shapes, RANKS, args.repeats)
 
   step_rows = [
