@@ -18,7 +18,8 @@ Two measurements, each the median wall time of a compiled call:
    1024. The target is random_walk and random_jump at least 10x cheaper than the
    SVD on the largest shape.
 
-Results go to ``benchmarks/results/speed-<platform>.{json,md}``.
+Results go to ``benchmarks/results/speed-<platform>.{json,md}`` (``speed-quick-``
+with ``--quick``, so a quick look never overwrites a full run).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def main(argv=None) -> None:
     )
   )
   path = common.write_results(
-    "speed",
+    "speed-quick" if args.quick else "speed",
     {"model": model, "update_interval": args.update_interval, "quick": args.quick},
     steps + rules,
     tables,
