@@ -9,6 +9,8 @@
    kernel, an ``(min(m, n), r)`` basis and two ``(r, max(m, n))`` moments, plus
    one recovery norm with recovery scaling; two full moments for every other
    parameter; the step count and PRNG key. Target: state bytes = minimum.
+   The low-rank optimizers' state is also given with ``moment_dtype=bfloat16``
+   (both moments of every parameter in bfloat16, the bases in float32).
 2. **Peak memory of one training step** (``jit(step).lower(...).compile()
    .memory_analysis()``: arguments + outputs + temporaries - donated aliases)
    of the LLaMA example's full step (forward, backward, clip, update) for each
@@ -78,6 +80,10 @@ def state_bytes_table(models) -> list[dict]:
       if name == "adamw":
         adamw = measured
       minimum = minimum_state_bytes(params, name, rank)
+      bf16_moments = None
+      if name != "adamw":
+        tx = make_optimizer(name, rank, update_interval=200, moment_dtype=jnp.bfloat16)
+        bf16_moments = common_bytes(jax.eval_shape(tx.init, params))
       records.append(
         {
           "model": model,
@@ -87,6 +93,7 @@ def state_bytes_table(models) -> list[dict]:
           "minimum_bytes": minimum,
           "state_over_minimum": measured / minimum,
           "ratio_to_adamw": measured / adamw,
+          "bf16_moments_bytes": bf16_moments,
         }
       )
       print(
@@ -169,7 +176,15 @@ def main(argv=None) -> None:
     "## Optimizer-state bytes (papers' ranks: 60m 128, 130m/350m 256, 1b 512,"
     " 7b 1024)\n\n"
     + common.markdown_table(
-      ("model", "optimizer", "rank", "state (GiB)", "state / minimum", "state / adamw"),
+      (
+        "model",
+        "optimizer",
+        "rank",
+        "state (GiB)",
+        "state / minimum",
+        "state / adamw",
+        "with bf16 moments (GiB)",
+      ),
       [
         (
           r["model"],
@@ -178,6 +193,7 @@ def main(argv=None) -> None:
           r["state_bytes"] / 2**30,
           r["state_over_minimum"],
           r["ratio_to_adamw"],
+          "" if r["bf16_moments_bytes"] is None else r["bf16_moments_bytes"] / 2**30,
         )
         for r in states
       ],

@@ -43,7 +43,7 @@ RANKS = (128, 256, 512, 1024)
 PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 
-def make_optimizer(name: str, rank: int, update_interval: int):
+def make_optimizer(name: str, rank: int, update_interval: int, moment_dtype=None):
   """The optimizer ``name`` as the LLaMA example builds it (no clipping, no schedule)."""
   if name == "adamw":
     return optax.adamw(1e-3, weight_decay=0.01)
@@ -52,6 +52,7 @@ def make_optimizer(name: str, rank: int, update_interval: int):
     update_interval=update_interval,
     weight_decay=0.01,
     mask=model_lib.low_rank_mask,
+    moment_dtype=moment_dtype,
   )
   if name in ("grasswalk", "grassjump"):
     kwargs["key"] = jax.random.key(0)

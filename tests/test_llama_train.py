@@ -10,14 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
+from jax.tree_util import keystr
 
 from examples.llama import checkpoint as checkpoint_lib
 from examples.llama import compare as compare_lib
@@ -139,6 +143,7 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
     (["--warmup", "10", "--steps", "10"], "--warmup"),
     (["--resume"], "--checkpoint-dir"),
+    (["--optimizer", "adamw", "--moment-dtype", "bfloat16"], "low-rank"),
   ):
     with pytest.raises(SystemExit):
       config_lib.parse_args(argv)
@@ -148,6 +153,22 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
   assert "sgd" in capsys.readouterr().err
   with pytest.raises(ValueError, match="optimizer"):
     config_lib.TrainConfig(optimizer="sgd")
+
+
+def test_moment_dtype_sets_the_dtype_of_every_moment(tmp_path):
+  def moments(cfg):
+    tx = config_lib.make_optimizer(cfg, cfg.steps)
+    _, state = train_lib.abstract_train_state(small_model(), tx, 0)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [x for path, x in leaves if re.search(r"\['[mn]u'\]", keystr(path))]
+
+  full = moments(small_run(tmp_path, optimizer="grassjump"))
+  half = moments(small_run(tmp_path, optimizer="grassjump", moment_dtype="bfloat16"))
+  assert full and [x.shape for x in full] == [x.shape for x in half]
+  assert {x.dtype for x in full} == {jnp.dtype("float32")}
+  assert {x.dtype for x in half} == {jnp.dtype("bfloat16")}
+  adamw = config_lib.TrainConfig(moment_dtype="bfloat16").with_optimizer("adamw")
+  assert adamw.moment_dtype == "float32"
 
 
 def test_fsdp_shards_each_state_array_on_its_own_largest_axis():

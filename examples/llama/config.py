@@ -62,6 +62,11 @@ class TrainConfig:
   recovery_scaling: bool | None = _flag(
     None, "add the rescaled out-of-subspace gradient; None: the optimizer's default"
   )
+  moment_dtype: str = _flag(
+    "float32",
+    "dtype of Adam's moments in the low-rank optimizers (bfloat16 halves them)",
+    DTYPES,
+  )
   seed: int = _flag(0, "seed of the model init, the data order and the subspaces")
   data_dir: str = _flag(
     DEFAULT_DATA_DIR, "directory of C4-format shards, or 'hf' to stream C4"
@@ -113,6 +118,8 @@ class TrainConfig:
         "--adaptive-optimizer and --recovery-scaling apply to the low-rank"
         " optimizers, not adamw."
       )
+    if self.optimizer == "adamw" and self.moment_dtype != "float32":
+      raise ValueError("--moment-dtype applies to the low-rank optimizers, not adamw.")
     if self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS:
       raise ValueError(
         f"--step-size applies to grasswalk and subtrack_pp, not {self.optimizer}."
@@ -124,6 +131,7 @@ class TrainConfig:
       ("model", tuple(model_lib.CONFIGS)),
       ("mesh", MESHES),
       ("dtype", DTYPES),
+      ("moment_dtype", DTYPES),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
@@ -133,9 +141,9 @@ class TrainConfig:
   def with_optimizer(self, optimizer: str) -> TrainConfig:
     """This configuration for ``optimizer``, without the settings it does not take.
 
-    ``step_size`` is dropped for optimizers without one, ``adaptive_optimizer``
-    and ``recovery_scaling`` for AdamW, so one shared configuration can run
-    every optimizer.
+    ``step_size`` is dropped for optimizers without one, ``adaptive_optimizer``,
+    ``recovery_scaling`` and ``moment_dtype`` for AdamW, so one shared
+    configuration can run every optimizer.
     """
     keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
     low_rank = optimizer != "adamw"
@@ -145,6 +153,7 @@ class TrainConfig:
       step_size=self.step_size if keeps_step else None,
       adaptive_optimizer=self.adaptive_optimizer if low_rank else None,
       recovery_scaling=self.recovery_scaling if low_rank else None,
+      moment_dtype=self.moment_dtype if low_rank else "float32",
     )
 
   @property
@@ -273,6 +282,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
     "scale": cfg.scale,
     "weight_decay": cfg.weight_decay,
     "mask": model_lib.low_rank_mask,
+    "moment_dtype": jnp.dtype(cfg.moment_dtype),
   }
   for name in ("step_size", "adaptive_optimizer", "recovery_scaling"):
     if getattr(cfg, name) is not None:
