@@ -53,7 +53,7 @@ def main(argv=None) -> None:
   tokens = cfg.steps * cfg.batch_size * cfg.seq_len
   budget = (
     f"LLaMA {cfg.model}, {cfg.steps} steps, {tokens:,} tokens, rank {cfg.rank},"
-    f" T = {cfg.update_interval}, lr {cfg.lr}, seed {cfg.seed}, data {cfg.data_dir}"
+    f" T = {cfg.update_interval}, lr {cfg.lr}, seed {cfg.seed}, data {common.display_path(cfg.data_dir)}"
   )
   tables = f"Budget: {budget}.\n\n" + common.markdown_table(
     ("angle (rad)", "final eval loss", "final train loss"),
