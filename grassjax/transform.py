@@ -291,9 +291,9 @@ def scale_by_subspace_adam(
   ``S_t D + Lambda`` is computed as ``S_t (D - c G~) + c G`` with ``c`` the
   column scales, and ``||Delta[:, i]||^2`` as ``||G[:, i]||^2 - ||G~[:, i]||^2``,
   so a step costs two products with ``S_t`` (``S_t^T G`` and ``S_t (...)``) and
-  needs no ``(m, n)`` buffer beyond the gradient and the update. Parameters that are not projected get
-  plain Adam with the same ``b1, b2, eps`` (equal to ``optax.scale_by_adam``),
-  not multiplied by ``scale``.
+  needs no ``(m, n)`` buffer beyond the gradient and the update. Parameters that
+  are not projected get plain Adam with the same ``b1, b2, eps`` (equal to
+  ``optax.scale_by_adam``), not multiplied by ``scale``.
 
   The step is always the same compiled program: the step predicate is a scalar,
   and the subspace update (an SVD, a QR, a geodesic) and the moment rotation
@@ -445,14 +445,11 @@ def scale_by_subspace_adam(
       update = layout.from_matrix((scale * (basis @ direction)).astype(g_dtype))
       return update, mu, nu, basis, rnorm
 
-    phi = jnp.linalg.norm(direction, axis=0) / (
-      jnp.linalg.norm(g_low, axis=0) + _RS_EPS
-    )
+    g_low_sq = jnp.sum(jnp.square(g_low), axis=0)
+    phi = jnp.linalg.norm(direction, axis=0) / (jnp.sqrt(g_low_sq) + _RS_EPS)
     # ||Delta[:, i]||^2 = ||G[:, i]||^2 - ||G~[:, i]||^2 (S has orthonormal
     # columns): the limiter needs no third (m, n) product.
-    residual_sq = jnp.maximum(
-      jnp.sum(jnp.square(g), axis=0) - jnp.sum(jnp.square(g_low), axis=0), 0.0
-    )
+    residual_sq = jnp.maximum(jnp.sum(jnp.square(g), axis=0) - g_low_sq, 0.0)
     lam_norm = jnp.sqrt(jnp.sum(jnp.square(phi) * residual_sq))
     cap = zeta * (rnorm + _RS_EPS)
     limit = (count > 0) & (lam_norm > cap)
