@@ -67,6 +67,17 @@ def display_path(path: str | Path) -> str:
     return str(path)
 
 
+def run_budget(cfg) -> str:
+  """One line naming a trainer configuration's budget and settings."""
+  tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+  return (
+    f"LLaMA {cfg.model}, {cfg.steps} steps x {cfg.batch_size} sequences x"
+    f" {cfg.seq_len} tokens = {tokens:,} tokens, data {display_path(cfg.data_dir)},"
+    f" tokenizer {cfg.tokenizer}, rank {cfg.rank}, T = {cfg.update_interval},"
+    f" lr {cfg.lr}, seed {cfg.seed}"
+  )
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A markdown table; floats get 4 significant digits."""
 

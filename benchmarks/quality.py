@@ -113,13 +113,7 @@ def main(argv=None) -> None:
           grid.append((rule, ao, rs, name, result.summary["final_eval_loss"]))
 
   tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-  data_dir = common.display_path(cfg.data_dir)
-  budget = (
-    f"LLaMA {cfg.model}, {cfg.steps} steps x {cfg.batch_size} sequences x"
-    f" {cfg.seq_len} tokens = {tokens:,} tokens, data {data_dir}, tokenizer"
-    f" {cfg.tokenizer}, rank {cfg.rank}, T = {cfg.update_interval}, lr {cfg.lr},"
-    f" seed {cfg.seed}"
-  )
+  budget = common.run_budget(cfg)
   tables = f"Budget: {budget}.\n\n## Optimizers\n\n" + compare_lib.markdown_table(
     [r.summary for r in main_runs.values()]
   )
@@ -156,7 +150,10 @@ def main(argv=None) -> None:
   ]
   meta = {
     "budget": budget,
-    "config": {**dataclasses.asdict(cfg), "data_dir": data_dir},
+    "config": {
+      **dataclasses.asdict(cfg),
+      "data_dir": common.display_path(cfg.data_dir),
+    },
   }
   path = common.write_results("quality", meta, records, tables)
   compare_lib.plot_comparison(

@@ -131,7 +131,7 @@ def step_times(
       for s in (keep_state, with_count(state, update_interval))
     )
     loop = training_loop(tx, loop_steps).lower(grads, keep_state, params).compile()
-    setups[name] = (loop, keep_state, one_update - one_keep)
+    setups[name] = (loop, keep_state, one_update - one_keep)  # update's extra cost
   loop_seconds = {name: [] for name in names}
   for _ in range(rounds):
     for name, (loop, state, _) in setups.items():
@@ -139,9 +139,10 @@ def step_times(
 
   records = []
   for name in names:
+    extra = setups[name][2]
     keep = statistics.median(loop_seconds[name]) / loop_steps
-    move = keep + setups[name][2]
-    amortized = keep + (move - keep) / update_interval
+    move = keep + extra
+    amortized = keep + extra / update_interval
     if name == "adamw":
       adamw_seconds = amortized
     records.append(

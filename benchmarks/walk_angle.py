@@ -50,11 +50,7 @@ def main(argv=None) -> None:
     )
     print(f"angle {angle:.4g}: eval loss {summary['final_eval_loss']:.4f}")
   best = min(records, key=lambda r: r["final_eval_loss"])
-  tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-  budget = (
-    f"LLaMA {cfg.model}, {cfg.steps} steps, {tokens:,} tokens, rank {cfg.rank},"
-    f" T = {cfg.update_interval}, lr {cfg.lr}, seed {cfg.seed}, data {common.display_path(cfg.data_dir)}"
-  )
+  budget = common.run_budget(cfg)
   tables = f"Budget: {budget}.\n\n" + common.markdown_table(
     ("angle (rad)", "final eval loss", "final train loss"),
     [(r["angle"], r["final_eval_loss"], r["final_train_loss"]) for r in records],
