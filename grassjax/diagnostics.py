@@ -94,11 +94,28 @@ def energy_fraction(
     layout = _layout(
       jax.tree_util.keystr(path), g.shape, dims or MatrixDimensionNumbers()
     )
-    matrices = layout.to_stacked_matrices(g).astype(jnp.float32)
-    inside = jnp.linalg.norm(jnp.swapaxes(basis, -1, -2) @ matrices, axis=(-2, -1))
-    total = jnp.linalg.norm(matrices, axis=(-2, -1))
-    out.append(jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0))
+    fractions = _energy_fractions(
+      layout, layout.to_views(g), basis.reshape(-1, *basis.shape[-2:])
+    )
+    out.append(fractions.reshape(layout.batch_shape))
   return treedef.unflatten(out)
+
+
+def _energy_fractions(layout, views: jax.Array, bases: jax.Array) -> jax.Array:
+  """``||S^T G|| / ||G||`` (0 for a zero gradient) of each of ``N`` matrices.
+
+  ``views`` ``(N, a, b)`` and ``bases`` ``(N, m, r)``; a loop over ``N``, so
+  the products exist for one matrix at a time.
+  """
+
+  def body(j, fractions):
+    view = views[j]
+    inside = jnp.linalg.norm(layout.project(bases[j], view))
+    total = jnp.linalg.norm(view.astype(jnp.float32))
+    fraction = jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0)
+    return fractions.at[j].set(fraction)
+
+  return jax.lax.fori_loop(0, len(views), body, jnp.zeros(len(views), jnp.float32))
 
 
 def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:

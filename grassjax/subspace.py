@@ -4,8 +4,8 @@ Every function here works on one matrix in *canonical orientation*: a gradient
 ``G`` of shape ``(m, n)`` with ``m <= n`` and an orthonormal basis ``S`` of
 shape ``(m, r)`` whose columns span the rank-``r`` subspace the gradient is
 projected on (``S^T G`` has shape ``(r, n)``). :func:`grassjax.scale_by_subspace_adam`
-puts each parameter in that orientation (transposing tall matrices, vmapping
-over stacked layers) before it calls a rule, so rules never see batch axes.
+hands each rule one matrix at a time in that orientation (transposing a tall
+one, looping over stacked layers), so rules never see batch axes.
 
 A :class:`SubspaceRule` is two pure functions:
 
@@ -56,9 +56,9 @@ class SubspaceRule(NamedTuple):
       refuses to be built without a ``key``.
     name: a short name for logs and reprs.
 
-  Both functions must be pure and jit-compatible; the optimizer vmaps them
-  over stacked matrices and calls ``update`` only on update steps (behind
-  ``jax.lax.cond``), so they may be expensive.
+  Both functions must be pure and jit-compatible; the optimizer calls them on
+  one matrix at a time, and only on update steps (behind ``jax.lax.switch``),
+  so they may be expensive.
 
   Example, a rule that keeps the ``r`` coordinate axes (the identity basis)::
 

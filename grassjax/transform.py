@@ -37,8 +37,11 @@ class MatrixDimensionNumbers(NamedTuple):
   the ``reduction_axis`` (inputs) to the ``output_axis`` (outputs); each may
   be one axis or several (flattened in order). Every other axis is a *batch*
   axis: the parameter is a stack of independent matrices (scanned layers),
-  each with its own basis, moments and recovery norm, processed by
-  ``jax.vmap`` without moving the parameter's axes.
+  each with its own basis, moments and recovery norm, processed one matrix
+  at a time in a loop (so the step's intermediates exist for one matrix, not
+  the whole stack). The update is computed in the parameter's own layout;
+  only batch axes that do not lead, or matrix axes out of order, cost a
+  transposed copy.
 
   The default, ``(-2, -1)``, makes the last two axes the matrix. An attention
   kernel ``(d_model, heads, head_dim)`` projected as one ``d_model x
@@ -87,49 +90,81 @@ class SubspaceAdamState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _MatrixLayout:
-  """Static description of how one parameter is seen as a stack of matrices."""
+  """Static description of how one parameter is seen as a stack of matrices.
+
+  Each matrix is handled in the parameter's own memory order, as a *view*
+  ``(a, b)``: the group of matrix axes that comes first in the parameter's
+  layout gives the view's rows. The projected (shorter) side is the view's
+  axis ``side``; with ``side == 1`` every product contracts the view's second
+  axis, so a tall matrix is never transposed.
+  """
 
   shape: tuple[int, ...]
   batch_axes: tuple[int, ...]
-  row_axes: tuple[int, ...]  # the projected (shorter) side, in canonical order
-  col_axes: tuple[int, ...]
+  row_axes: tuple[int, ...]  # the view's rows, in the parameter's order
+  col_axes: tuple[int, ...]  # the view's columns
+  side: int  # 0: the view's rows are projected; 1: its columns
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.shape[a] for a in self.batch_axes)
 
   @property
+  def view_shape(self) -> tuple[int, int]:
+    return _size(self.shape, self.row_axes), _size(self.shape, self.col_axes)
+
+  @property
   def m(self) -> int:
-    return _size(self.shape, self.row_axes)
+    """The projected side: the basis is ``(m, r)``."""
+    return self.view_shape[self.side]
 
   @property
   def n(self) -> int:
-    return _size(self.shape, self.col_axes)
+    """The other side: the moments are ``(r, n)``."""
+    return self.view_shape[1 - self.side]
 
-  def _matrix_perm(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    # Positions of row/col axes once the batch axes are vmapped away.
-    rest = [a for a in range(len(self.shape)) if a not in self.batch_axes]
-    rows = tuple(rest.index(a) for a in self.row_axes)
-    cols = tuple(rest.index(a) for a in self.col_axes)
-    return rows, cols
+  @property
+  def _perm(self) -> tuple[int, ...]:
+    return self.batch_axes + self.row_axes + self.col_axes
 
-  def to_matrix(self, x: jax.Array) -> jax.Array:
-    """One unbatched slice of the parameter as its canonical ``(m, n)`` matrix."""
-    rows, cols = self._matrix_perm()
-    return jnp.transpose(x, rows + cols).reshape(self.m, self.n)
+  def to_views(self, x: jax.Array) -> jax.Array:
+    """The parameter as ``(N, a, b)`` views, ``N`` = the batch size.
 
-  def to_stacked_matrices(self, x: jax.Array) -> jax.Array:
-    """The whole parameter as ``batch_shape + (m, n)`` canonical matrices."""
-    perm = self.batch_axes + self.row_axes + self.col_axes
-    return jnp.transpose(x, perm).reshape(*self.batch_shape, self.m, self.n)
+    A reshape only (no copy) when the batch axes lead and each matrix group
+    is contiguous and in order, as for ``(L, m, n)`` stacks.
+    """
+    if self._perm != tuple(range(len(self.shape))):
+      x = jnp.transpose(x, self._perm)
+    return x.reshape(-1, *self.view_shape)
 
-  def from_matrix(self, x: jax.Array) -> jax.Array:
-    rows, cols = self._matrix_perm()
-    perm = rows + cols
-    sliced = tuple(self.shape[a] for a in self.row_axes + self.col_axes)
-    return jnp.transpose(
-      x.reshape(sliced), tuple(perm.index(i) for i in range(len(perm)))
-    )
+  def from_views(self, x: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_views`."""
+    x = x.reshape(tuple(self.shape[a] for a in self._perm))
+    if self._perm != tuple(range(len(self.shape))):
+      x = jnp.transpose(x, tuple(self._perm.index(a) for a in range(len(self.shape))))
+    return x
+
+  def canonical(self, view: jax.Array) -> jax.Array:
+    """One view as the canonical ``(m, n)`` matrix (transposed when ``side == 1``)."""
+    return view if self.side == 0 else view.T
+
+  def project(self, basis: jax.Array, view: jax.Array) -> jax.Array:
+    """``S^T G`` ``(..., r, n)`` from a (stack of) view(s), without transposing it."""
+    spec = "...mr,...mn->...rn" if self.side == 0 else "...mr,...nm->...rn"
+    return jnp.einsum(spec, basis, view, preferred_element_type=jnp.float32)
+
+  def expand(self, basis: jax.Array, low: jax.Array) -> jax.Array:
+    """``S X`` for ``X`` ``(r, n)``, in the view's layout."""
+    spec = "mr,rn->mn" if self.side == 0 else "mr,rn->nm"
+    return jnp.einsum(spec, basis, low)
+
+  def column_sum(self, x: jax.Array) -> jax.Array:
+    """Sums a view over the projected side: one value per column of ``G``."""
+    return jnp.sum(x, axis=self.side)
+
+  def scale_columns(self, view: jax.Array, scales: jax.Array) -> jax.Array:
+    """Multiplies column ``i`` of ``G`` (in the view's layout) by ``scales[i]``."""
+    return view * (scales[None, :] if self.side == 0 else scales[:, None])
 
 
 def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -157,8 +192,9 @@ def _layout(
       f" output axes {out} must be non-empty and disjoint ({dims})."
     )
   batch = tuple(a for a in range(len(shape)) if a not in red + out)
-  rows, cols = (red, out) if _size(shape, red) <= _size(shape, out) else (out, red)
-  return _MatrixLayout(tuple(shape), batch, rows, cols)
+  projected = red if _size(shape, red) <= _size(shape, out) else out
+  rows, cols = (red, out) if min(red) < min(out) else (out, red)
+  return _MatrixLayout(tuple(shape), batch, rows, cols, 0 if projected == rows else 1)
 
 
 def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
@@ -409,18 +445,18 @@ def scale_by_subspace_adam(
     )
 
   def project_one(layout, branch, count, t, g, mu, nu, basis, rnorm, key):
-    """The step for one (unbatched) projected matrix; see the docstring."""
-    g_dtype = g.dtype
-    g = layout.to_matrix(g).astype(jnp.float32)
+    """The step for one projected matrix, ``g`` a view (see ``_MatrixLayout``)."""
 
     def keep():
       return basis, mu, nu
 
     def first():
-      return subspace.init(g, rank, key).astype(basis.dtype), mu, nu
+      grad = layout.canonical(g).astype(jnp.float32)
+      return subspace.init(grad, rank, key).astype(basis.dtype), mu, nu
 
     def move():
-      new_basis = subspace.update(basis, g, key).astype(basis.dtype)
+      grad = layout.canonical(g).astype(jnp.float32)
+      new_basis = subspace.update(basis, grad, key).astype(basis.dtype)
       if not adaptive_optimizer:
         return new_basis, mu, nu
       new_mu, new_nu = rotate_moments(
@@ -434,7 +470,7 @@ def scale_by_subspace_adam(
       return new_basis, new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
 
     basis, mu, nu = jax.lax.switch(branch, (keep, first, move))
-    g_low = basis.T @ g
+    g_low = layout.project(basis, g)
     mu = ((1 - b1) * g_low + b1 * mu.astype(jnp.float32)).astype(mu.dtype)
     nu = ((1 - b2) * jnp.square(g_low) + b2 * nu.astype(jnp.float32)).astype(nu.dtype)
     direction = _adam_direction(
@@ -442,21 +478,63 @@ def scale_by_subspace_adam(
     )
 
     if not recovery_scaling:
-      update = layout.from_matrix((scale * (basis @ direction)).astype(g_dtype))
-      return update, mu, nu, basis, rnorm
+      update = layout.expand(basis, scale * direction)
+      return update.astype(g.dtype), mu, nu, basis, rnorm
 
     g_low_sq = jnp.sum(jnp.square(g_low), axis=0)
     phi = jnp.linalg.norm(direction, axis=0) / (jnp.sqrt(g_low_sq) + _RS_EPS)
     # ||Delta[:, i]||^2 = ||G[:, i]||^2 - ||G~[:, i]||^2 (S has orthonormal
     # columns): the limiter needs no third (m, n) product.
-    residual_sq = jnp.maximum(jnp.sum(jnp.square(g), axis=0) - g_low_sq, 0.0)
+    g_sq = layout.column_sum(jnp.square(g.astype(jnp.float32)))
+    residual_sq = jnp.maximum(g_sq - g_low_sq, 0.0)
     lam_norm = jnp.sqrt(jnp.sum(jnp.square(phi) * residual_sq))
     cap = zeta * (rnorm + _RS_EPS)
     limit = (count > 0) & (lam_norm > cap)
     factor = jnp.where(limit, cap / jnp.where(limit, lam_norm, 1.0), 1.0)
     col_scale = phi * factor * (scale if scale_recovery else 1.0)
-    update = basis @ (scale * direction - col_scale * g_low) + col_scale * g
-    return layout.from_matrix(update.astype(g_dtype)), mu, nu, basis, lam_norm * factor
+    update = layout.expand(basis, scale * direction - col_scale * g_low)
+    update = update + layout.scale_columns(g.astype(jnp.float32), col_scale)
+    return update.astype(g.dtype), mu, nu, basis, lam_norm * factor
+
+  def project_stack(layout, branch, count, t, g, mu, nu, basis, rnorm, keys):
+    """``project_one`` on every matrix of a projected leaf, one at a time.
+
+    A ``fori_loop`` over the ``N`` stacked matrices, whose carry holds the
+    gradient views and the state and is updated in place slice by slice: the
+    step's intermediates exist for one matrix at a time (``vmap`` would hold
+    each of them for the whole stack), and the update is written over the
+    gradient it replaces. The state arrays have the leaf's batch shape in
+    front; ``rnorm`` may be ``None``; ``keys`` is ``(N, ...)`` or ``None``.
+    """
+    batch = layout.batch_shape
+    step = functools.partial(project_one, layout, branch, count, t)
+    carry = (
+      layout.to_views(g),
+      *(
+        x if x is None else x.reshape(-1, *x.shape[len(batch) :])
+        for x in (mu, nu, basis, rnorm)
+      ),
+    )
+    if carry[0].shape[0] == 1:
+      outs = tuple(
+        None if x is None else x[None]
+        for x in step(*(None if x is None else x[0] for x in (*carry, keys)))
+      )
+    else:
+
+      def body(j, carry):
+        pick = functools.partial(jax.lax.dynamic_index_in_dim, index=j, keepdims=False)
+        outs = step(*(None if x is None else pick(x) for x in (*carry, keys)))
+        return tuple(
+          None if x is None else jax.lax.dynamic_update_index_in_dim(x, o, j, 0)
+          for x, o in zip(carry, outs, strict=True)
+        )
+
+      outs = jax.lax.fori_loop(0, carry[0].shape[0], body, carry)
+    update, *state = outs
+    return layout.from_views(update), *(
+      x if x is None else x.reshape(*batch, *x.shape[1:]) for x in state
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -498,23 +576,23 @@ def scale_by_subspace_adam(
       branch = jnp.where(
         count == 0, 1, jnp.where((count + offsets[i]) % update_interval == 0, 2, 0)
       )
-      batch = layout.batch_shape
       if state.key is None:
         keys = None
       else:
         leaf_key = jax.random.fold_in(jax.random.fold_in(state.key, i), count)
-        keys = jax.random.split(leaf_key, math.prod(batch)).reshape(*batch, -1)
+        keys = jax.random.split(leaf_key, math.prod(layout.batch_shape))
       has_rnorm = not isinstance(rnorm, optax.MaskedNode)
-      fn = functools.partial(project_one, layout, branch, count, t)
-      state_axes = (0, 0, 0, 0 if has_rnorm else None, None if keys is None else 0)
-      for k, axis in reversed(list(enumerate(layout.batch_axes))):
-        fn = jax.vmap(
-          fn,
-          in_axes=(axis - k, *state_axes),
-          out_axes=(axis - k, 0, 0, 0, 0 if has_rnorm else None),
-        )
-      update, mu, nu, basis, rnorm = fn(
-        g, mu, nu, basis, rnorm if has_rnorm else None, keys
+      update, mu, nu, basis, rnorm = project_stack(
+        layout,
+        branch,
+        count,
+        t,
+        g,
+        mu,
+        nu,
+        basis,
+        rnorm if has_rnorm else None,
+        keys,
       )
       out_updates.append(update)
       out_mu.append(mu)

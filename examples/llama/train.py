@@ -111,8 +111,10 @@ def energy_by_layer_type(grads, opt_state) -> dict[str, jax.Array]:
 
   ``R = ||S^T G||_F / ||G||_F`` (:func:`grassjax.diagnostics.energy_fraction`),
   averaged over the layers: the share of the gradient the subspace keeps, the
-  quantity of the GrassWalk paper's energy-fraction figure. Empty for an
-  optimizer without a subspace (AdamW).
+  quantity of the GrassWalk paper's energy-fraction figure. ``opt_state`` is
+  the state *before* the step, so ``S`` is the subspace the gradient meets
+  (on the steps that move it, the one being left). Empty for an optimizer
+  without a subspace (AdamW).
   """
   try:
     fractions = grassjax.diagnostics.energy_fraction(grads, opt_state)
@@ -153,11 +155,20 @@ def make_train_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
         jnp.add, totals, jax.value_and_grad(loss_fn)(params, tokens)
       ), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    totals, _ = jax.lax.scan(accumulate, zeros, batch)
-    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
+    if batch.shape[0] == 1:  # no accumulator: one gradient buffer, not two
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch[0])
+    else:
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      totals, _ = jax.lax.scan(accumulate, zeros, batch)
+      loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
+    # The energy is measured before the update (which may write over the
+    # gradients); the barrier keeps XLA from holding a copy of them for it.
+    energy = energy_by_layer_type(grads, optimizer.opt_state)
+    grads, energy = jax.lax.optimization_barrier((grads, energy))
+    first_step = optimizer.step.value == 0  # no subspace yet: NaN, not logged
+    metrics = {"loss": loss}
+    metrics.update((k, jnp.where(first_step, jnp.nan, v)) for k, v in energy.items())
     optimizer.update(model, grads)
-    metrics = {"loss": loss, **energy_by_layer_type(grads, optimizer.opt_state)}
     return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
 
   return jax.jit(
@@ -294,7 +305,8 @@ def record_losses(
   steps = [step for step, _ in pending]
   lrs = np.asarray(schedule(np.array(steps) - 1))
   for step, step_metrics, lr in zip(steps, values, lrs, strict=True):
-    record = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
+    record = {"step": step}
+    record.update((k, float(v)) for k, v in step_metrics.items() if not np.isnan(v))
     metrics.write({**record, "lr": float(lr)})
   if rate is not None:
     metrics.write({"step": steps[-1], "tokens_per_sec": rate})
