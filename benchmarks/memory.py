@@ -18,6 +18,9 @@
    ``(peak_adamw - state_adamw + state_opt) / peak_adamw``; the target is a
    measured ratio no larger (no ``(m, n)`` temporaries beyond the gradient
    and the update).
+3. **The whole step at scale** (:func:`scale_table`): 1b and 7b, each
+   optimizer, plain / fused / fused with bfloat16 weights and state, and
+   which of 24, 40 and 80 GiB each fits.
 
 Results go to ``benchmarks/results/memory-<platform>.{json,md}``.
 """
@@ -35,7 +38,6 @@ from benchmarks import common
 from benchmarks.speed import OPTIMIZERS, PAPER_RANKS, make_optimizer
 from examples.llama import config as config_lib
 from examples.llama import model as model_lib
-from examples.llama import sharding as sharding_lib
 from examples.llama import train as train_lib
 
 MODELS = ("60m", "130m", "350m", "1b", "7b")
@@ -123,22 +125,8 @@ def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
       batch_size=batch_size,
       seq_len=seq_len,
     )
-    model_config = config_lib.model_config(cfg, vocab_size=32000)
-    tx = config_lib.make_optimizer(cfg, cfg.steps)
-    graphdefs, state = train_lib.abstract_train_state(model_config, tx, cfg.seed)
-    mesh = sharding_lib.make_mesh("none")
-    shardings = sharding_lib.state_shardings(state, mesh, "none")
-    batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
-    step = train_lib.make_train_step(graphdefs, shardings, batch_sharding, mesh)
-    batch = jax.ShapeDtypeStruct((1, batch_size, seq_len + 1), jnp.int32)
-    analysis = step.lower(state, batch).compile().memory_analysis()
-    peak = (
-      analysis.argument_size_in_bytes
-      + analysis.output_size_in_bytes
-      + analysis.temp_size_in_bytes
-      - analysis.alias_size_in_bytes
-    )
-    state_bytes = common_bytes(state.optimizer)
+    memory = train_lib.step_memory(cfg, config_lib.model_config(cfg, vocab_size=32000))
+    peak, state_bytes = memory["peak"], memory["optimizer_state"]
     if adamw is None:
       adamw = {"peak": peak, "state": state_bytes}
     predicted = (adamw["peak"] - adamw["state"] + state_bytes) / adamw["peak"]
@@ -148,7 +136,7 @@ def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
         "optimizer": name,
         "batch": [batch_size, seq_len],
         "peak_bytes": peak,
-        "temp_bytes": analysis.temp_size_in_bytes,
+        "temp_bytes": memory["temporaries"],
         "optimizer_state_bytes": state_bytes,
         "peak_ratio_to_adamw": peak / adamw["peak"],
         "predicted_ratio_from_state": predicted,
@@ -161,18 +149,89 @@ def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
   return records
 
 
+# The step settings of the scale table: LLaMA as people train it at 1B and 7B.
+SCALE_STEP = dict(
+  scan_layers=True, remat=True, dtype="bfloat16", batch_size=4, seq_len=256
+)
+SCALE_MODES = {
+  "plain": {},
+  "fused": dict(fused_update=True, clip="per-layer"),
+  "fused + bf16": dict(
+    fused_update=True,
+    clip="per-layer",
+    param_dtype="bfloat16",
+    moment_dtype="bfloat16",
+    basis_dtype="bfloat16",
+  ),
+}
+
+
+def scale_table(models) -> list[dict]:
+  """Compiled peak of the whole step at scale: each optimizer in each mode.
+
+  ``--scan-layers --remat --dtype bfloat16``, batch 4 x 256, the papers'
+  ranks, vocabulary 32000; modes: plain (float32 weights, global clipping),
+  fused (``--fused-update --clip per-layer``) and fused with bfloat16
+  weights, moments and bases. The same figures as ``python -m
+  examples.llama.train ... --dry-run``.
+  """
+  records = []
+  for model in models:
+    for mode, flags in SCALE_MODES.items():
+      for name in ("adamw", *OPTIMIZERS):
+        settings = dict(SCALE_STEP, **flags)
+        if name == "adamw":
+          settings.pop("moment_dtype", None)
+          settings.pop("basis_dtype", None)
+        cfg = config_lib.TrainConfig(
+          optimizer=name, model=model, rank=PAPER_RANKS[model], **settings
+        )
+        memory = train_lib.step_memory(cfg, config_lib.model_config(cfg, 32000))
+        fits = [size for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
+        records.append(
+          {"model": model, "mode": mode, "optimizer": name, **memory, "fits_gib": fits}
+        )
+        print(
+          f"scale {model:3s} {mode:13s} {name:12s} peak"
+          f" {memory['peak'] / 2**30:7.2f} GiB"
+        )
+  return records
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--peak-model", default="60m", choices=tuple(PAPER_RANKS))
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--seq-len", type=int, default=256)
+  parser.add_argument("--scale-models", default="1b,7b")
   args = parser.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
 
   states = state_bytes_table(models)
   peaks = peak_step_memory(args.peak_model, args.batch_size, args.seq_len)
+  scale = scale_table([m for m in args.scale_models.split(",") if m])
   tables = (
+    "## Peak memory of the whole training step at scale (compile-only, CPU"
+    " compiler)\n\n`--scan-layers --remat --dtype bfloat16`, batch 4 x 256,"
+    " papers' ranks, vocabulary 32000; GiB per device.\n\n"
+    + common.markdown_table(
+      ("model", "mode", "optimizer", "params", "state", "temporaries", "peak", "fits"),
+      [
+        (
+          r["model"],
+          r["mode"],
+          r["optimizer"],
+          r["parameters"] / 2**30,
+          r["optimizer_state"] / 2**30,
+          r["temporaries"] / 2**30,
+          r["peak"] / 2**30,
+          ", ".join(f"{s} GiB" for s in r["fits_gib"]) or "none",
+        )
+        for r in scale
+      ],
+    )
+    + "\n"
     "## Optimizer-state bytes (papers' ranks: 60m 128, 130m/350m 256, 1b 512,"
     " 7b 1024)\n\n"
     + common.markdown_table(
@@ -216,7 +275,7 @@ def main(argv=None) -> None:
   path = common.write_results(
     "memory",
     {"peak_model": args.peak_model, "batch": [args.batch_size, args.seq_len]},
-    states + peaks,
+    states + peaks + scale,
     tables,
   )
   print(f"\nwrote {path} and {path.with_suffix('.md')}")

@@ -39,7 +39,7 @@ def _low_rank_adamw(
   weight_decay: jax.typing.ArrayLike,
   weight_decay_mask: MaskOrFn,
   **kwargs,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   # Without weight decay the update needs no params, like optax.adam.
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = (
@@ -73,9 +73,10 @@ def grasswalk(
   tangent_rank: int = 1,
   normalize_step: bool = True,
   moment_dtype: jax.typing.DTypeLike | None = None,
+  basis_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """GrassWalk: a random walk on the Grassmannian, with AO and RS.
 
   The basis starts as the top-``rank`` SVD subspace of the first gradient and
@@ -115,6 +116,7 @@ def grasswalk(
     tangent_rank: rank of each random rotation.
     normalize_step: ``step_size`` is an angle (True) or the raw scale.
     moment_dtype: dtype of Adam's moments (``None``: float32).
+    basis_dtype: dtype of the stored bases (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -144,6 +146,7 @@ def grasswalk(
     mask=mask,
     dimension_numbers=dimension_numbers,
     moment_dtype=moment_dtype,
+    basis_dtype=basis_dtype,
     stagger=stagger,
   )
 
@@ -166,9 +169,10 @@ def grassjump(
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
   moment_dtype: jax.typing.DTypeLike | None = None,
+  basis_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """GrassJump: a fresh random subspace every ``update_interval`` steps, with AO and RS.
 
   Every basis, the first included, is ``Q`` of the sign-fixed QR of an ``(m,
@@ -193,6 +197,7 @@ def grassjump(
     mask: which parameters are projected.
     dimension_numbers: which axes form each matrix.
     moment_dtype: dtype of Adam's moments (``None``: float32).
+    basis_dtype: dtype of the stored bases (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -218,6 +223,7 @@ def grassjump(
     mask=mask,
     dimension_numbers=dimension_numbers,
     moment_dtype=moment_dtype,
+    basis_dtype=basis_dtype,
     stagger=stagger,
   )
 
@@ -243,9 +249,10 @@ def subtrack_pp(
   tangent_rank: int = 1,
   normalize_step: bool = False,
   moment_dtype: jax.typing.DTypeLike | None = None,
+  basis_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """SubTrack++: Grassmannian subspace tracking, with AO and RS.
 
   Starts from the SVD subspace of the first gradient; every
@@ -278,6 +285,7 @@ def subtrack_pp(
     tangent_rank: rank of each tracking step (1 in the papers).
     normalize_step: make ``step_size`` an angle in radians.
     moment_dtype: dtype of Adam's moments (``None``: float32).
+    basis_dtype: dtype of the stored bases (``None``: float32).
     stagger: spread parameters' subspace updates over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -307,6 +315,7 @@ def subtrack_pp(
     mask=mask,
     dimension_numbers=dimension_numbers,
     moment_dtype=moment_dtype,
+    basis_dtype=basis_dtype,
     stagger=stagger,
   )
 
@@ -329,9 +338,10 @@ def galore(
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
   moment_dtype: jax.typing.DTypeLike | None = None,
+  basis_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
   scale_recovery: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """GaLore: the top-``r`` SVD subspace every ``update_interval`` steps.
 
   ``S = U[:, :r]`` of the current gradient's SVD (:func:`grassjax.subspace.svd`),
@@ -358,6 +368,7 @@ def galore(
     mask: which parameters are projected.
     dimension_numbers: which axes form each matrix.
     moment_dtype: dtype of Adam's moments (``None``: float32).
+    basis_dtype: dtype of the stored bases (``None``: float32).
     stagger: spread parameters' SVDs over the interval.
     scale_recovery: whether ``scale`` multiplies the recovery term too.
 
@@ -383,5 +394,6 @@ def galore(
     mask=mask,
     dimension_numbers=dimension_numbers,
     moment_dtype=moment_dtype,
+    basis_dtype=basis_dtype,
     stagger=stagger,
   )

@@ -293,6 +293,44 @@ def test_stacked_leaf_equals_independent_matrices():
     np.testing.assert_allclose(stacked["s"][i], update["s"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["grasswalk", "grassjump", "subtrack_pp", "galore"])
+def test_layer_slice_update_equals_that_slice_of_the_stack_update(name):
+  # The per-layer (fused) update: slice l of every stacked leaf and of the
+  # per-parameter state, the same count and PRNG keys as the whole stack.
+  params = {"s": jax.random.normal(KEY, (3, 8, 14)), "t": jnp.ones((3, 14, 9))}
+  tx = OPTIMIZERS[name](update_interval=2)
+  state = tx.init(params)
+  whole_update = jax.jit(tx.update)
+  layer_update = jax.jit(lambda g, s, i: tx.update(g, s, None, layer=(i, 3)))
+  for step in range(4):
+    grads = _grads(step, params)
+    whole, new_state = whole_update(grads, state, params)
+    for layer in range(3):
+      pick = lambda x, layer=layer: x[layer] if x.ndim and x.shape[0] == 3 else x  # noqa: E731
+      update, layer_state = layer_update(
+        jax.tree.map(pick, grads), jax.tree.map(pick, state), jnp.int32(layer)
+      )
+      chex.assert_trees_all_close(
+        update, jax.tree.map(pick, whole), rtol=1e-6, atol=1e-7
+      )
+      chex.assert_trees_all_close(
+        layer_state, jax.tree.map(pick, new_state), rtol=1e-6, atol=1e-7
+      )
+    state = new_state
+
+
+def test_basis_dtype_stores_the_bases_in_it():
+  params = _params()
+  tx = grassjax.grasswalk(1e-2, rank=RANK, key=KEY, basis_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  for step in range(3):
+    _, state = tx.update(_grads(step, params), state, params)
+  basis = _subspace_state(state).basis["wide"]
+  assert basis.dtype == jnp.bfloat16
+  gram = basis.astype(jnp.float32).T @ basis.astype(jnp.float32)
+  np.testing.assert_allclose(gram, np.eye(RANK), atol=2e-2)
+
+
 def test_dimension_numbers_for_attention_kernels():
   """A (d, heads, head_dim) kernel projected as a d x (heads*head_dim) matrix."""
   kernel = jax.random.normal(KEY, (12, 4, 5))

@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ OPTIMIZERS = ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
 STEP_SIZE_OPTIMIZERS = ("grasswalk", "subtrack_pp")
 MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
+CLIPS = ("global", "per-layer", "none")
 
 
 def _flag(default, help: str, choices: Sequence[str] | None = None):
@@ -67,6 +69,16 @@ class TrainConfig:
     "dtype of Adam's moments in the low-rank optimizers (bfloat16 halves them)",
     DTYPES,
   )
+  basis_dtype: str = _flag(
+    "float32", "dtype of the stored bases of the low-rank optimizers", DTYPES
+  )
+  clip: str = _flag(
+    "global",
+    "gradient clipping to norm 1: global (all gradients), per-layer (each"
+    " scanned block on its own, and the embedding, final norm and head as one"
+    " group) or none",
+    CLIPS,
+  )
   seed: int = _flag(0, "seed of the model init, the data order and the subspaces")
   data_dir: str = _flag(
     DEFAULT_DATA_DIR, "directory of C4-format shards, or 'hf' to stream C4"
@@ -84,9 +96,29 @@ class TrainConfig:
   mesh: str = _flag(
     "none", "none: one device; dp: data parallel; fsdp: sharded state", MESHES
   )
-  dtype: str = _flag("float32", "compute dtype (parameters stay float32)", DTYPES)
+  dtype: str = _flag("float32", "compute dtype", DTYPES)
+  param_dtype: str = _flag(
+    "float32",
+    "dtype the parameters are stored in; the optimizer computes in float32 and"
+    " rounds its update onto bfloat16 weights stochastically",
+    DTYPES,
+  )
   scan_layers: bool = _flag(False, "stack the layers and run them with a scan")
   remat: bool = _flag(False, "recompute activations in the backward pass")
+  fused_update: bool = _flag(
+    False,
+    "update each scanned block inside the backward pass, so only one block's"
+    " gradients exist at a time (needs --scan-layers, --grad-accum 1 and"
+    " --clip per-layer or none)",
+  )
+  vocab_size: int | None = _flag(
+    None, "vocabulary size of the model; None: the tokenizer's"
+  )
+  dry_run: bool = _flag(
+    False,
+    "compile the training step from abstract shapes, print its memory and exit"
+    " (allocates nothing, reads no data)",
+  )
   distributed: bool = _flag(
     False, "call jax.distributed.initialize() first (multi-host runs)"
   )
@@ -118,8 +150,28 @@ class TrainConfig:
         "--adaptive-optimizer and --recovery-scaling apply to the low-rank"
         " optimizers, not adamw."
       )
-    if self.optimizer == "adamw" and self.moment_dtype != "float32":
-      raise ValueError("--moment-dtype applies to the low-rank optimizers, not adamw.")
+    for name in ("moment_dtype", "basis_dtype"):
+      if self.optimizer == "adamw" and getattr(self, name) != "float32":
+        raise ValueError(
+          f"--{_flag_name(name)} applies to the low-rank optimizers, not adamw."
+        )
+    if self.clip == "per-layer" and not self.scan_layers:
+      raise ValueError("--clip per-layer needs --scan-layers (the blocks stacked).")
+    if self.fused_update:
+      if not self.scan_layers:
+        raise ValueError("--fused-update needs --scan-layers.")
+      if self.grad_accum != 1:
+        raise ValueError(
+          "--fused-update applies each block's gradient at once, so it cannot"
+          f" accumulate micro-batches (--grad-accum {self.grad_accum})."
+        )
+      if self.clip == "global":
+        raise ValueError(
+          "--fused-update cannot clip by the global norm (it never holds every"
+          " gradient): use --clip per-layer or --clip none."
+        )
+    if self.vocab_size is not None and self.vocab_size < 1:
+      raise ValueError(f"--vocab-size must be > 0, got {self.vocab_size}.")
     if self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS:
       raise ValueError(
         f"--step-size applies to grasswalk and subtrack_pp, not {self.optimizer}."
@@ -131,7 +183,10 @@ class TrainConfig:
       ("model", tuple(model_lib.CONFIGS)),
       ("mesh", MESHES),
       ("dtype", DTYPES),
+      ("param_dtype", DTYPES),
       ("moment_dtype", DTYPES),
+      ("basis_dtype", DTYPES),
+      ("clip", CLIPS),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
@@ -142,7 +197,7 @@ class TrainConfig:
     """This configuration for ``optimizer``, without the settings it does not take.
 
     ``step_size`` is dropped for optimizers without one, ``adaptive_optimizer``,
-    ``recovery_scaling`` and ``moment_dtype`` for AdamW, so one shared
+    ``recovery_scaling``, ``moment_dtype`` and ``basis_dtype`` for AdamW, so one shared
     configuration can run every optimizer.
     """
     keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
@@ -154,6 +209,7 @@ class TrainConfig:
       adaptive_optimizer=self.adaptive_optimizer if low_rank else None,
       recovery_scaling=self.recovery_scaling if low_rank else None,
       moment_dtype=self.moment_dtype if low_rank else "float32",
+      basis_dtype=self.basis_dtype if low_rank else "float32",
     )
 
   @property
@@ -241,6 +297,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
     vocab_size=vocab_size,
     max_seq_len=cfg.seq_len,
     dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
     scan_layers=cfg.scan_layers,
     remat=cfg.remat,
   )
@@ -258,11 +315,17 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  """Gradient clipping to norm 1, then the optimizer of ``cfg.optimizer``.
+  """The optimizer of ``cfg.optimizer``, after global-norm clipping if ``cfg.clip``.
 
   The low-rank optimizers project the attention and MLP kernels
   (:func:`model.low_rank_mask`); the embeddings, norms and LM head get plain
-  Adam inside the same transformation.
+  Adam inside the same transformation. With ``--scan-layers`` the optimizer
+  runs as an ``optax.partition`` of two groups, the stacked blocks
+  (``layers``) and the rest, each with its own copy of the same optimizer:
+  the per-layer update of ``--fused-update`` applies the ``layers`` group one
+  block at a time, and the unfused step uses the same partition so that both
+  compute the same thing. Per-layer clipping is the training step's (see
+  ``train.clip_per_layer``).
 
   Args:
     cfg: the run's configuration.
@@ -271,11 +334,34 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
   Returns:
     An ``optax.GradientTransformation``.
   """
+  tx = base_optimizer(cfg, total_steps)
+  if cfg.scan_layers:
+    tx = optax.partition({LAYERS: tx, REST: tx}, param_groups)
+  if cfg.clip == "global":
+    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+  return tx
+
+
+LAYERS, REST = "layers", "rest"
+
+
+def param_groups(params: Any) -> Any:
+  """``"layers"`` for the stacked blocks' parameters, ``"rest"`` for the others."""
+
+  def group(path, _) -> str:
+    first = path[0]
+    return (
+      LAYERS if getattr(first, "key", getattr(first, "name", None)) == LAYERS else REST
+    )
+
+  return jax.tree_util.tree_map_with_path(group, params)
+
+
+def base_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer of ``cfg.optimizer`` with the run's schedule and settings."""
   lr = learning_rate_schedule(dataclasses.replace(cfg, steps=total_steps))
   if cfg.optimizer == "adamw":
-    return optax.chain(
-      optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=cfg.weight_decay)
-    )
+    return optax.adamw(lr, weight_decay=cfg.weight_decay)
   low_rank = {
     "rank": cfg.rank,
     "update_interval": cfg.update_interval,
@@ -283,17 +369,16 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
     "weight_decay": cfg.weight_decay,
     "mask": model_lib.low_rank_mask,
     "moment_dtype": jnp.dtype(cfg.moment_dtype),
+    "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
   for name in ("step_size", "adaptive_optimizer", "recovery_scaling"):
     if getattr(cfg, name) is not None:
       low_rank[name] = getattr(cfg, name)
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
   if cfg.optimizer == "grasswalk":
-    tx = grassjax.grasswalk(lr, key=key, **low_rank)
-  elif cfg.optimizer == "grassjump":
-    tx = grassjax.grassjump(lr, key=key, **low_rank)
-  elif cfg.optimizer == "subtrack_pp":
-    tx = grassjax.subtrack_pp(lr, **low_rank)
-  else:
-    tx = grassjax.galore(lr, **low_rank)
-  return optax.chain(optax.clip_by_global_norm(1.0), tx)
+    return grassjax.grasswalk(lr, key=key, **low_rank)
+  if cfg.optimizer == "grassjump":
+    return grassjax.grassjump(lr, key=key, **low_rank)
+  if cfg.optimizer == "subtrack_pp":
+    return grassjax.subtrack_pp(lr, **low_rank)
+  return grassjax.galore(lr, **low_rank)

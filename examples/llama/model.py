@@ -6,8 +6,9 @@ rotary position embeddings, a SwiGLU MLP, no biases, and an LM head untied from
 the token embedding. Shapes: tokens ``(batch, seq)`` int32 in, logits
 ``(batch, seq, vocab_size)`` float32 out.
 
-Parameters are float32 (the master weights the optimizer updates); ``dtype``
-sets the compute dtype of the embedding, the blocks and the residual stream
+Parameters are stored in ``param_dtype`` (float32 by default; bfloat16 halves
+them, see the trainer's ``--param-dtype`` for how updates are rounded onto
+them); ``dtype`` sets the compute dtype of the embedding, the blocks and the residual stream
 (``bfloat16`` halves activation memory). The parts that decide the loss stay
 float32 whatever ``dtype`` is: the attention softmax, the RMSNorm statistics,
 the rotary rotation and the LM head, whose logits are float32. With
@@ -52,8 +53,10 @@ class LlamaConfig:
     max_seq_len: longest sequence the model accepts.
     norm_eps: RMSNorm's epsilon.
     rope_theta: base of the rotary frequencies.
-    dtype: compute dtype (stored as a ``jnp.dtype``); the parameters are
-      float32 whatever it is.
+    dtype: compute dtype (stored as a ``jnp.dtype``).
+    param_dtype: dtype the parameters are stored in (float32, or bfloat16 to
+      halve them); the norm statistics, softmax, rotary rotation and logits
+      are float32 whatever it is.
     scan_layers: stack the blocks and run them with ``nnx.scan``.
     remat: recompute block activations in the backward pass.
   """
@@ -67,18 +70,20 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
 
   def __post_init__(self):
-    try:
-      dtype = jnp.dtype(self.dtype)
-    except TypeError as err:
-      raise ValueError(f"LlamaConfig.dtype: {err}") from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"LlamaConfig.dtype must be a float dtype, got {dtype}.")
-    # One canonical form (jnp.float32 and jnp.dtype("float32") hash differently).
-    object.__setattr__(self, "dtype", dtype)
+    for name in ("dtype", "param_dtype"):
+      try:
+        dtype = jnp.dtype(getattr(self, name))
+      except TypeError as err:
+        raise ValueError(f"LlamaConfig.{name}: {err}") from None
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"LlamaConfig.{name} must be a float dtype, got {dtype}.")
+      # One canonical form (jnp.float32 and jnp.dtype("float32") hash differently).
+      object.__setattr__(self, name, dtype)
     for name in (
       "vocab_size",
       "dim",
@@ -166,7 +171,7 @@ def low_rank_mask(params: Any) -> Any:
 def _dense(
   config: LlamaConfig, d_in: int, d_out: int, rngs: nnx.Rngs, dtype: Any = None
 ) -> nnx.Linear:
-  """A bias-free linear layer: float32 ``(d_in, d_out)`` kernel, ``N(0, 0.02^2)``.
+  """A bias-free linear layer: ``(d_in, d_out)`` kernel, ``N(0, 0.02^2)``.
 
   It computes in ``dtype``, ``config.dtype`` unless given.
   """
@@ -175,19 +180,19 @@ def _dense(
     d_out,
     use_bias=False,
     dtype=config.dtype if dtype is None else dtype,
-    param_dtype=jnp.float32,
+    param_dtype=config.param_dtype,
     kernel_init=nnx.initializers.normal(0.02),
     rngs=rngs,
   )
 
 
 def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
-  """RMSNorm over the ``dim`` features: float32 scale (ones), float32 statistics."""
+  """RMSNorm over the ``dim`` features: scale (ones), float32 statistics."""
   return nnx.RMSNorm(
     config.dim,
     epsilon=config.norm_eps,
     dtype=config.dtype,
-    param_dtype=jnp.float32,
+    param_dtype=config.param_dtype,
     rngs=rngs,
   )
 
@@ -278,7 +283,7 @@ class Llama(nnx.Module):
       config.vocab_size,
       config.dim,
       dtype=config.dtype,
-      param_dtype=jnp.float32,
+      param_dtype=config.param_dtype,
       embedding_init=nnx.initializers.normal(0.02),
       rngs=rngs,
     )
@@ -296,14 +301,21 @@ class Llama(nnx.Module):
     # float32 logits, computed in float32: the loss is only as precise as they are.
     self.lm_head = _dense(config, config.dim, config.vocab_size, rngs, jnp.float32)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """``tokens`` ``(b, s)`` int32 -> logits ``(b, s, vocab_size)`` float32."""
-    seq_len = tokens.shape[1]
+  def rope(self, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """The rotary angles of a sequence; a ``ValueError`` past ``max_seq_len``."""
     if seq_len > self.config.max_seq_len:
       raise ValueError(
         f"sequence of {seq_len} tokens exceeds max_seq_len {self.config.max_seq_len}."
       )
-    rope = rotary_angles(self.config, seq_len)
+    return rotary_angles(self.config, seq_len)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The last block's output ``(b, s, d)`` -> float32 logits ``(b, s, V)``."""
+    return self.lm_head(self.norm(x)).astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """``tokens`` ``(b, s)`` int32 -> logits ``(b, s, vocab_size)`` float32."""
+    rope = self.rope(tokens.shape[1])
     x = self.embed(tokens)
 
     def block_step(block: Block, x: jax.Array) -> jax.Array:
@@ -320,7 +332,7 @@ class Llama(nnx.Module):
     else:
       for block in self.layers:
         x = block_step(block, x)
-    return self.lm_head(self.norm(x)).astype(jnp.float32)
+    return self.logits(x)
 
 
 def count_params(model: nnx.Module) -> int:

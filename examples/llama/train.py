@@ -34,31 +34,22 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-import grassjax
 from examples.llama import checkpoint as checkpoint_lib
 from examples.llama import config as config_lib
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import sharding as sharding_lib
+from examples.llama.step import (
+  GraphDefs,
+  TrainState,
+  cross_entropy,
+  make_train_step,
+)
 
 try:
   import tensorboardX
 except ImportError:
   tensorboardX = None
-
-
-class TrainState(NamedTuple):
-  """The model's and the optimizer's state, as ``nnx.State`` pytrees."""
-
-  model: nnx.State
-  optimizer: nnx.State
-
-
-class GraphDefs(NamedTuple):
-  """The static structure that turns a :class:`TrainState` back into objects."""
-
-  model: nnx.GraphDef
-  optimizer: nnx.GraphDef
 
 
 class RunResult(NamedTuple):
@@ -99,84 +90,6 @@ def init_train_state(
     return TrainState(nnx.state(model), nnx.state(optimizer))
 
   return init()
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def energy_by_layer_type(grads, opt_state) -> dict[str, jax.Array]:
-  """Mean energy fraction of each kind of projected kernel (q_proj, ..., down_proj).
-
-  ``R = ||S^T G||_F / ||G||_F`` (:func:`grassjax.diagnostics.energy_fraction`),
-  averaged over the layers: the share of the gradient the subspace keeps, the
-  quantity of the GrassWalk paper's energy-fraction figure. ``opt_state`` is
-  the state *before* the step, so ``S`` is the subspace the gradient meets
-  (on the steps that move it, the one being left). Empty for an optimizer
-  without a subspace (AdamW).
-  """
-  try:
-    fractions = grassjax.diagnostics.energy_fraction(grads, opt_state)
-  except ValueError:  # no SubspaceAdamState in the optimizer
-    return {}
-  groups: dict[str, list[jax.Array]] = {}
-  for path, fraction in jax.tree_util.tree_flatten_with_path(fractions)[0]:
-    name = jax.tree_util.keystr(path)
-    kind = next(k for k in model_lib.LOW_RANK_KERNELS if f"'{k}'" in name)
-    groups.setdefault(kind, []).append(fraction.reshape(-1))
-  return {
-    f"energy_{kind}": jnp.concatenate(values).mean()
-    for kind, values in sorted(groups.items())
-  }
-
-
-def make_train_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
-  """The jitted optimizer step ``(state, batch) -> (state, metrics)``, state donated.
-
-  ``batch`` is ``(grad_accum, micro_batch, seq_len + 1)`` int32 tokens; the
-  gradients of the micro-batches are summed in a ``lax.scan`` and averaged,
-  so the step equals one step on the whole batch. ``metrics`` holds the
-  ``loss`` and, for the low-rank optimizers, :func:`energy_by_layer_type` of
-  this step's gradient in the subspace it was projected on.
-  """
-
-  def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, jax.Array]:
-    model = nnx.merge(graphdefs.model, state.model)
-    optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss_fn(params, tokens):
-      logits = nnx.merge(model_def, params, rest)(tokens[:, :-1])
-      return cross_entropy(logits, tokens[:, 1:])
-
-    def accumulate(totals, tokens):
-      return jax.tree.map(
-        jnp.add, totals, jax.value_and_grad(loss_fn)(params, tokens)
-      ), None
-
-    if batch.shape[0] == 1:  # no accumulator: one gradient buffer, not two
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch[0])
-    else:
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      totals, _ = jax.lax.scan(accumulate, zeros, batch)
-      loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
-    # The energy is measured before the update (which may write over the
-    # gradients); the barrier keeps XLA from holding a copy of them for it.
-    energy = energy_by_layer_type(grads, optimizer.opt_state)
-    grads, energy = jax.lax.optimization_barrier((grads, energy))
-    first_step = optimizer.step.value == 0  # no subspace yet: NaN, not logged
-    metrics = {"loss": loss}
-    metrics.update((k, jnp.where(first_step, jnp.nan, v)) for k, v in energy.items())
-    optimizer.update(model, grads)
-    return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
-
-  return jax.jit(
-    train_step,
-    in_shardings=(shardings, batch_sharding),
-    out_shardings=(shardings, sharding_lib.replicated(mesh)),
-    donate_argnums=0,
-  )
 
 
 def make_eval_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
@@ -387,7 +300,7 @@ def train(
 
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
   if model_config is None:
-    model_config = config_lib.model_config(cfg, tokenizer.vocab_size)
+    model_config = config_lib.model_config(cfg, cfg.vocab_size or tokenizer.vocab_size)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   if cfg.micro_batch_size % mesh.size:
     raise ValueError(
@@ -439,7 +352,7 @@ def train(
 
   train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   eval_batch = sharding_lib.batch_sharding(mesh, batch_axis=0, ndim=2)
-  train_step = make_train_step(graphdefs, shardings, train_batch, mesh)
+  train_step = make_train_step(cfg, graphdefs, shardings, train_batch, mesh)
   eval_step = make_eval_step(graphdefs, shardings, eval_batch, mesh)
   eval_data = [sharding_lib.put(batch, eval_batch) for batch in eval_data]
   schedule = config_lib.learning_rate_schedule(cfg)
@@ -545,11 +458,86 @@ def format_summary(summary: dict[str, Any]) -> str:
   )
 
 
+def step_memory(
+  cfg: config_lib.TrainConfig, model_config: model_lib.LlamaConfig
+) -> dict[str, int]:
+  """The memory of one compiled training step, in bytes, per device.
+
+  The step is compiled from abstract shapes (``jit(...).lower(...).compile()``)
+  and read with ``memory_analysis()``: nothing is allocated and no data is
+  read. ``peak`` is arguments + outputs + temporaries - donated aliases (the
+  compiler's buffer assignment; a GPU assigns buffers differently, so a
+  real step's peak is close, not equal). ``gradients`` is the gradient tree's
+  size (one block's and the rest with ``--fused-update``); like the
+  activations and the optimizer's work, it lies inside ``temporaries``.
+  """
+  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  graphdefs, state = abstract_train_state(model_config, tx, cfg.seed)
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  shardings = sharding_lib.state_shardings(state, mesh, cfg.mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
+  step = make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
+  batch = jax.ShapeDtypeStruct(
+    (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1), jnp.int32
+  )
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  params = nnx.state(nnx.merge(graphdefs.model, state.model), nnx.Param)
+  gradients = tree_bytes(params)
+  if cfg.fused_update:
+    layers = tree_bytes(params[config_lib.LAYERS])
+    gradients += layers // model_config.n_layers - layers
+  return {
+    "parameters": tree_bytes(params),
+    "optimizer_state": tree_bytes(state.optimizer),
+    "gradients": gradients,
+    "temporaries": analysis.temp_size_in_bytes,
+    "peak": analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes,
+  }
+
+
+def format_memory(memory: dict[str, int], devices: int) -> str:
+  """The lines ``--dry-run`` prints."""
+  gib = {k: v / 2**30 for k, v in memory.items()}
+  where = "per device, " if devices > 1 else ""
+  fits = [f"{size} GiB" for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
+  return "\n".join(
+    [
+      f"compiled training step ({where}compile-only: nothing allocated)",
+      f"  parameters          {gib['parameters']:8.2f} GiB",
+      f"  optimizer state     {gib['optimizer_state']:8.2f} GiB",
+      f"  gradients           {gib['gradients']:8.2f} GiB  (within temporaries)",
+      f"  temporaries         {gib['temporaries']:8.2f} GiB",
+      f"  peak                {gib['peak']:8.2f} GiB",
+      f"  fits                {', '.join(fits) if fits else 'none of 24, 40, 80 GiB'}",
+    ]
+  )
+
+
+def dry_run(cfg: config_lib.TrainConfig) -> dict[str, int]:
+  """``--dry-run``: the step's memory for ``cfg``, printed; returns the figures."""
+  vocab_size = cfg.vocab_size or data_lib.load_tokenizer(cfg.tokenizer).vocab_size
+  memory = step_memory(cfg, config_lib.model_config(cfg, vocab_size))
+  if jax.process_index() == 0:
+    n_params = model_lib.param_count(config_lib.model_config(cfg, vocab_size))
+    print(
+      f"{cfg.model} ({n_params:,} parameters), {cfg.optimizer}, batch"
+      f" {cfg.batch_size} x {cfg.seq_len}, on {jax.devices()[0].platform}"
+    )
+    print(format_memory(memory, sharding_lib.make_mesh(cfg.mesh).size))
+  return memory
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.train``."""
   cfg = config_lib.parse_args(argv)
   if cfg.distributed:
     jax.distributed.initialize()
+  if cfg.dry_run:
+    dry_run(cfg)
+    return
   try:
     result = train(cfg)
   except (

@@ -1,0 +1,117 @@
+"""The training step: fused equals unfused, clipping, rounding, and its memory."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples.llama import config as config_lib
+from examples.llama import sharding as sharding_lib
+from examples.llama import step as step_lib
+from examples.llama import train as train_lib
+
+VOCAB = 259  # the byte tokenizer's
+RUN = dict(
+  model="tiny",
+  scan_layers=True,
+  clip="per-layer",
+  steps=100,
+  warmup=5,
+  batch_size=4,
+  seq_len=32,
+  rank=8,
+  update_interval=5,
+)
+
+
+def _run(cfg: config_lib.TrainConfig, steps: int):
+  """``steps`` training steps on fixed random tokens: (losses, final state)."""
+  model_config = config_lib.model_config(cfg, VOCAB)
+  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  graphdefs, abstract = train_lib.abstract_train_state(model_config, tx, cfg.seed)
+  mesh = sharding_lib.make_mesh("none")
+  shardings = sharding_lib.state_shardings(abstract, mesh, "none")
+  state = train_lib.init_train_state(model_config, tx, cfg.seed, shardings)
+  batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
+  step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (steps, 1, 4, 33))
+  losses = []
+  for batch in tokens:
+    state, metrics = step(state, jnp.asarray(batch, jnp.int32))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), state
+
+
+@pytest.mark.parametrize(
+  "optimizer", ["adamw", "galore", "grasswalk", "grassjump", "subtrack_pp"]
+)
+def test_fused_update_equals_unfused(optimizer):
+  cfg = config_lib.TrainConfig(optimizer=optimizer, **RUN)
+  unfused_losses, unfused = _run(cfg, 20)
+  fused_losses, fused = _run(
+    config_lib.TrainConfig(**{**vars(cfg), "fused_update": True}), 20
+  )
+  np.testing.assert_allclose(fused_losses, unfused_losses, rtol=1e-6)
+  # The parameters, each array to 1e-6 of its norm. (Element by element,
+  # Adam turns one-ulp differences in near-zero gradients into larger
+  # relative ones, and an SVD basis may turn within a nearly degenerate
+  # singular pair; AdamW's runs are bitwise equal.)
+  for a, b in zip(
+    jax.tree.leaves(unfused.model), jax.tree.leaves(fused.model), strict=True
+  ):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(a)
+
+
+def test_clip_per_layer_clips_each_block_and_the_rest():
+  grads = {
+    "layers": {"w": jnp.stack([jnp.full((3,), 10.0), jnp.full((3,), 0.1)])},
+    "embed": {"e": jnp.full((4,), 3.0)},
+  }
+  clipped = step_lib.clip_per_layer(grads, max_norm=1.0)
+  np.testing.assert_allclose(np.linalg.norm(clipped["layers"]["w"][0]), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(clipped["layers"]["w"][1], grads["layers"]["w"][1])
+  np.testing.assert_allclose(np.linalg.norm(clipped["embed"]["e"]), 1.0, rtol=1e-6)
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update():
+  weight = jnp.float32(1.0)
+  update = jnp.float32(1e-4)  # far below bfloat16's spacing at 1 (2^-7)
+  bits = jax.random.bits(jax.random.key(0), (20000,), jnp.uint32)
+  rounded = step_lib.stochastic_round(jnp.full((20000,), weight + update), bits)
+  assert set(np.unique(np.asarray(rounded, np.float32))) <= {1.0, 1.0078125}
+  np.testing.assert_allclose(
+    np.mean(np.asarray(rounded, np.float64)) - 1.0, 1e-4, rtol=0.1
+  )
+  assert (weight + update).astype(jnp.bfloat16) == 1.0  # nearest rounding drops it
+
+
+def test_stacked_leaf_step_memory_stays_within_the_state_saving():
+  # Peak(opt) - peak(adamw) <= state(opt) - state(adamw) + 2% of peak(adamw):
+  # the optimizer holds no stack-sized temporaries beyond the gradient.
+  settings = dict(RUN, clip="global", rank=32, batch_size=2, seq_len=32)
+  adamw, grasswalk = (
+    train_lib.step_memory(
+      config_lib.TrainConfig(optimizer=name, **settings),
+      config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB),
+    )
+    for name in ("adamw", "grasswalk")
+  )
+  assert grasswalk["peak"] - adamw["peak"] <= (
+    grasswalk["optimizer_state"] - adamw["optimizer_state"] + 0.02 * adamw["peak"]
+  )
+
+
+def test_dry_run_prints_the_memory_of_the_step_and_exits(capsys):
+  train_lib.main(
+    ["--dry-run", "--scan-layers", "--fused-update", "--clip", "per-layer",
+     "--param-dtype", "bfloat16", "--batch-size", "2", "--seq-len", "32"]
+  )  # fmt: skip
+  out = capsys.readouterr().out
+  assert re.search(r"^  peak +\d+\.\d\d GiB$", out, re.MULTILINE), out
+  for name in ("parameters", "optimizer state", "gradients", "temporaries"):
+    assert name in out
