@@ -27,6 +27,7 @@ all three.
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -167,14 +168,30 @@ def stochastic_round(x: jax.Array, bits: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(raw, jnp.float32).astype(jnp.bfloat16)
 
 
+def hash_bits(seed: jax.Array, shape: tuple[int, ...], offset=0) -> jax.Array:
+  """Pseudo-random ``uint32`` of each element of an array of ``shape``.
+
+  Element ``i`` (row-major, plus ``offset``) gets a 32-bit mix (MurmurHash3's
+  finalizer) of ``i`` and ``seed``. Elementwise integer arithmetic on an
+  iota, so it fuses into its consumer and never exists as an array, where
+  ``jax.random.bits`` materializes its counters (several copies of a 32000 x
+  4096 embedding). Plenty for stochastic rounding, not a general PRNG.
+  """
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  h = (index + jnp.asarray(offset, jnp.uint32)) ^ seed
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
 def apply_updates(params, updates, key: jax.Array, layer: jax.Array | None = None):
   """``params + updates`` in float32, rounded to each parameter's dtype.
 
   float32 parameters get exactly ``optax.apply_updates``. bfloat16 ones are
-  rounded by :func:`stochastic_round`, with bits drawn from ``key`` per
-  parameter (by its path) and, in the stacked blocks, per layer: a per-layer
-  update (``layer``, the block's index; ``params`` holding that block's
-  slices) draws the bits of that layer of the whole-model update.
+  rounded by :func:`stochastic_round` with :func:`hash_bits` seeded from
+  ``key`` and the parameter's path. A per-layer update (``layer``, the
+  block's index, with ``params`` holding that block's slices) draws the bits
+  of that layer of the whole-model update.
   """
 
   def one(path, p, u):
@@ -183,14 +200,9 @@ def apply_updates(params, updates, key: jax.Array, layer: jax.Array | None = Non
       return total.astype(p.dtype)
     name = jax.tree_util.keystr(path).encode()
     leaf_key = jax.random.fold_in(key, zlib.crc32(name) & 0x7FFFFFFF)
-    if not in_layers(path):
-      bits = jax.random.bits(leaf_key, p.shape, jnp.uint32)
-    elif layer is None:
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(leaf_key, jnp.arange(p.shape[0]))
-      bits = jax.vmap(lambda k: jax.random.bits(k, p.shape[1:], jnp.uint32))(keys)
-    else:
-      bits = jax.random.bits(jax.random.fold_in(leaf_key, layer), p.shape, jnp.uint32)
-    return stochastic_round(total, bits)
+    seed = jax.random.bits(leaf_key, (), jnp.uint32)
+    offset = 0 if layer is None else layer * p.size
+    return stochastic_round(total, hash_bits(seed, p.shape, offset))
 
   return jax.tree_util.tree_map_with_path(one, params, updates)
 
@@ -303,10 +315,6 @@ class ScannedBackward:
     return _split(self.treedef.flatten_up_to(tree), self.layer_pos)[0 if layers else 1]
 
   def block(self, layer_leaves, x: jax.Array) -> jax.Array:
-    # The barrier keeps each block's parameters a slice: a compiler that
-    # computes bfloat16 products in float32 (XLA on CPU) would otherwise hoist
-    # the conversion of the whole stack out of the loop.
-    layer_leaves = jax.lax.optimization_barrier(layer_leaves)
     params = self.layers_treedef.unflatten(layer_leaves)
     return nnx.merge(self.defs["layers"], params)(x, self.rope)
 
@@ -326,16 +334,26 @@ class ScannedBackward:
     rest = self.whole(rest_leaves=self.part(self.params, False))
     x, self._embed_vjp = jax.vjp(self._embed, rest)
     layer_params = self.part(self.params, True)
-    x, self.block_inputs = jax.lax.scan(
-      lambda x, p: (self.block(p, x), x), x, layer_params
-    )
+
+    def body(i, carry):
+      x, inputs = carry
+      # Tied to the loop-carried x, the parameter stacks vary per iteration
+      # for the compiler: a compiler that computes bfloat16 products in
+      # float32 (XLA on CPU) would otherwise convert whole stacks once,
+      # outside the loop (loop-invariant code motion), and hold them.
+      stacks, x = jax.lax.optimization_barrier((layer_params, x))
+      return self.block([_pick(s, i) for s in stacks], x), _put(inputs, x, i)
+
+    inputs = jnp.zeros((self.n_layers, *x.shape), x.dtype)
+    x, self.block_inputs = jax.lax.fori_loop(0, self.n_layers, body, (x, inputs))
     loss, head_vjp = jax.vjp(self._head_loss, rest, x)
     self._rest_from_head, dx = head_vjp(jnp.ones_like(loss))
     return loss, dx
 
   def block_backward(self, index, layer_leaves, dx):
     """Block ``index``'s parameter gradients (leaves) and input cotangent."""
-    _, block_vjp = jax.vjp(self.block, layer_leaves, self.block_inputs[index])
+    inputs, dx = jax.lax.optimization_barrier((self.block_inputs, dx))
+    _, block_vjp = jax.vjp(self.block, layer_leaves, _pick(inputs, index))
     return block_vjp(dx)
 
   def rest_gradients(self, dx) -> list:
