@@ -103,6 +103,11 @@ class TrainConfig:
     " rounds its update onto bfloat16 weights stochastically",
     DTYPES,
   )
+  stochastic_rounding: bool = _flag(
+    True,
+    "round updates onto bfloat16 weights stochastically (unbiased);"
+    " --no-stochastic-rounding rounds to nearest",
+  )
   scan_layers: bool = _flag(False, "stack the layers and run them with a scan")
   remat: bool = _flag(False, "recompute activations in the backward pass")
   fused_update: bool = _flag(

@@ -184,19 +184,21 @@ def hash_bits(seed: jax.Array, shape: tuple[int, ...], offset=0) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def apply_updates(params, updates, key: jax.Array, layer: jax.Array | None = None):
+def apply_updates(
+  params, updates, key: jax.Array | None, layer: jax.Array | None = None
+):
   """``params + updates`` in float32, rounded to each parameter's dtype.
 
   float32 parameters get exactly ``optax.apply_updates``. bfloat16 ones are
   rounded by :func:`stochastic_round` with :func:`hash_bits` seeded from
-  ``key`` and the parameter's path. A per-layer update (``layer``, the
-  block's index, with ``params`` holding that block's slices) draws the bits
-  of that layer of the whole-model update.
+  ``key`` and the parameter's path, or to nearest when ``key`` is None. A
+  per-layer update (``layer``, the block's index, with ``params`` holding
+  that block's slices) draws the bits of that layer of the whole-model update.
   """
 
   def one(path, p, u):
     total = p.astype(jnp.float32) + u.astype(jnp.float32)
-    if p.dtype != jnp.bfloat16:
+    if p.dtype != jnp.bfloat16 or key is None:
       return total.astype(p.dtype)
     name = jax.tree_util.keystr(path).encode()
     leaf_key = jax.random.fold_in(key, zlib.crc32(name) & 0x7FFFFFFF)
@@ -237,8 +239,11 @@ def _commit(model, optimizer, params, opt_state) -> TrainState:
   return TrainState(nnx.state(model), nnx.state(optimizer))
 
 
-def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array:
-  """This step's stochastic-rounding key (apart from the init's and the optimizer's)."""
+def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array | None:
+  """This step's stochastic-rounding key (apart from the init's and the
+  optimizer's); None to round to nearest."""
+  if not cfg.stochastic_rounding:
+    return None
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
   return jax.random.fold_in(key, optimizer.step[...])
 

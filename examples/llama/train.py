@@ -459,7 +459,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def step_memory(
-  cfg: config_lib.TrainConfig, model_config: model_lib.LlamaConfig
+  cfg: config_lib.TrainConfig,
+  model_config: model_lib.LlamaConfig,
+  tx: optax.GradientTransformation | None = None,
 ) -> dict[str, int]:
   """The memory of one compiled training step, in bytes, per device.
 
@@ -470,8 +472,11 @@ def step_memory(
   real step's peak is close, not equal). ``gradients`` is the gradient tree's
   size (one block's and the rest with ``--fused-update``); like the
   activations and the optimizer's work, it lies inside ``temporaries``.
+  ``tx`` replaces ``cfg``'s optimizer (for another library's, in the
+  whole-model step).
   """
-  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  if tx is None:
+    tx = config_lib.make_optimizer(cfg, cfg.steps)
   graphdefs, state = abstract_train_state(model_config, tx, cfg.seed)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   shardings = sharding_lib.state_shardings(state, mesh, cfg.mesh)
