@@ -40,8 +40,10 @@ RESUMABLE_FIELDS = frozenset(
     "out_dir",
     "mesh",
     "remat",
+    "fused_update",  # the same update, one block at a time
     "distributed",
     "log_every",
+    "dry_run",
   }
 )
 
