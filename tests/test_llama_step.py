@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -52,9 +53,7 @@ def _run(cfg: config_lib.TrainConfig, steps: int):
 def test_fused_update_equals_unfused(optimizer):
   cfg = config_lib.TrainConfig(optimizer=optimizer, **RUN)
   unfused_losses, unfused = _run(cfg, 20)
-  fused_losses, fused = _run(
-    config_lib.TrainConfig(**{**vars(cfg), "fused_update": True}), 20
-  )
+  fused_losses, fused = _run(dataclasses.replace(cfg, fused_update=True), 20)
   np.testing.assert_allclose(fused_losses, unfused_losses, rtol=1e-6)
   # The parameters, each array to 1e-6 of its norm. (Element by element,
   # Adam turns one-ulp differences in near-zero gradients into larger
@@ -65,6 +64,25 @@ def test_fused_update_equals_unfused(optimizer):
   ):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(a)
+
+
+def test_fused_update_with_bfloat16_weights_and_state_equals_unfused():
+  # Stochastic rounding draws the same bits per block in both modes.
+  cfg = config_lib.TrainConfig(
+    optimizer="grasswalk",
+    param_dtype="bfloat16",
+    moment_dtype="bfloat16",
+    basis_dtype="bfloat16",
+    **RUN,
+  )
+  unfused_losses, unfused = _run(cfg, 6)
+  fused_losses, fused = _run(dataclasses.replace(cfg, fused_update=True), 6)
+  np.testing.assert_allclose(fused_losses, unfused_losses, rtol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves(unfused.model), jax.tree.leaves(fused.model), strict=True
+  ):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_clip_per_layer_clips_each_block_and_the_rest():
