@@ -136,3 +136,19 @@ def test_dry_run_prints_the_memory_of_the_step_and_exits(capsys):
   assert re.search(r"^  peak +\d+\.\d\d GiB$", out, re.MULTILINE), out
   for name in ("parameters", "optimizer state", "gradients", "temporaries"):
     assert name in out
+
+
+def test_metrics_keep_a_nan_loss_and_drop_the_first_steps_nan_energy(tmp_path):
+  from tqdm import tqdm
+
+  log = train_lib.MetricsLog(tmp_path, 0, enabled=False)
+  pending = [
+    (1, {"loss": jnp.float32(jnp.nan), "energy_q_proj": jnp.float32(jnp.nan)}),
+    (2, {"loss": jnp.float32(1.0), "energy_q_proj": jnp.float32(0.5)}),
+  ]
+  train_lib.record_losses(
+    pending, lambda step: step * 0.0, log, train_lib.Throughput(1), tqdm(disable=True)
+  )
+  first, second = log.records
+  assert np.isnan(first["loss"]) and "energy_q_proj" not in first
+  assert second["energy_q_proj"] == 0.5

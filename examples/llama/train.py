@@ -218,8 +218,14 @@ def record_losses(
   steps = [step for step, _ in pending]
   lrs = np.asarray(schedule(np.array(steps) - 1))
   for step, step_metrics, lr in zip(steps, values, lrs, strict=True):
+    # The energy fractions are NaN before the first subspace exists: not logged.
+    # A NaN loss is.
     record = {"step": step}
-    record.update((k, float(v)) for k, v in step_metrics.items() if not np.isnan(v))
+    record.update(
+      (k, float(v))
+      for k, v in step_metrics.items()
+      if not (k.startswith("energy_") and np.isnan(v))
+    )
     metrics.write({**record, "lr": float(lr)})
   if rate is not None:
     metrics.write({"step": steps[-1], "tokens_per_sec": rate})
