@@ -3,12 +3,14 @@
     python -m examples.llama.train                      # tiny model, shipped sample
     python -m examples.llama.train --optimizer adamw    # the same with AdamW
     python -m examples.llama.train --help               # every flag
+    python -m examples.llama.train --model 7b --scan-layers --dry-run  # memory
 
 The training state is the model and an ``nnx.Optimizer``, split into pure
 pytrees; one jitted function, with the state donated, makes one optimizer
-step: it runs the ``--grad-accum`` micro-batches with a ``lax.scan``,
-averages their gradients and applies the update. The host only waits for the
-device every ``--log-every`` steps, to read the losses.
+step (``step.py``: the ``--grad-accum`` micro-batches, clipping, the update,
+or the fused per-layer update). The host only waits for the device every
+``--log-every`` steps, to read the losses. ``--dry-run`` compiles that step
+from abstract shapes and prints its memory instead of training.
 
 Written to ``--out-dir``: ``metrics.jsonl`` (the loss and learning rate of
 every step, the energy fraction of each kind of projected kernel, tokens/s,
