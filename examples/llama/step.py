@@ -218,27 +218,6 @@ def _commit(model, optimizer, params, opt_state) -> TrainState:
   return TrainState(nnx.state(model), nnx.state(optimizer))
 
 
-def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array:
-  """This step's key for stochastic rounding (apart from the init's and the optimizer's)."""
-  return jax.random.fold_in(
-    jax.random.fold_in(jax.random.key(cfg.seed), 2), optimizer.step[...]
-  )
-
-
-def _masked_metrics(energy: dict[str, jax.Array], optimizer) -> dict[str, jax.Array]:
-  first_step = optimizer.step[...] == 0  # no subspace yet: NaN, not logged
-  return {k: jnp.where(first_step, jnp.nan, v) for k, v in energy.items()}
-
-
-def _commit(model, optimizer, params, opt_state) -> TrainState:
-  """Writes new parameters and optimizer state into the objects (as
-  ``nnx.Optimizer.update`` does) and returns the new training state."""
-  nnx.update(model, params)
-  nnx.update(optimizer.opt_state, nnx.state(opt_state))
-  optimizer.step[...] += 1
-  return TrainState(nnx.state(model), nnx.state(optimizer))
-
-
 def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array | None:
   """This step's stochastic-rounding key (apart from the init's and the
   optimizer's); None to round to nearest."""
