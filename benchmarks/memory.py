@@ -264,7 +264,7 @@ def plot_scale(records: list[dict], path: Path) -> None:
     yscale="log",
     xlabel="parameters (billions)",
     ylabel="compiled peak of one step (GiB)",
-    title="LLaMA training step, batch 4 x 256, CPU compiler",
+    title="LLaMA training step, batch 4 x 256, CPU compiler (compile-only)",
   )
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
   scale = scale_table([m for m in args.scale_models.split(",") if m])
   tables = (
     "## Peak memory of the whole training step at scale (compile-only, CPU"
-    " compiler)\n\n`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks,"
+    " compiler, memory-optimized schedule)\n\n`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks,"
     " vocabulary 32000; GiB per device. Modes: unscanned layers; scanned"
     " (`--scan-layers`, float32 weights, global clipping); fused"
     " (`--fused-update --clip per-layer`); fused with bfloat16 weights, moments"
