@@ -30,6 +30,16 @@ from grassjax import subspace as subspace_lib
 _RS_EPS = 1e-8
 
 
+def _rs_cancellation_tol(basis_dtype: jax.typing.DTypeLike) -> float:
+  """Below this share of ``sum_i phi_i^2 ||G[:, i]||^2``, ``||Lambda||^2`` is recomputed.
+
+  ``||G||^2 - ||S^T G||^2`` is off by about the basis's orthonormality error
+  times ``||G||^2`` (a few ulps of the dtype the basis is stored in); above
+  this share that is at most a few percent of ``||Lambda||^2``.
+  """
+  return max(1e-3, 16 * float(jnp.finfo(basis_dtype).eps))
+
+
 class MatrixDimensionNumbers(NamedTuple):
   """Which axes of a parameter form the matrix that is projected.
 
@@ -328,8 +338,12 @@ def scale_by_subspace_adam(
   ``S_t D + Lambda`` is computed as ``S_t (D - c G~) + c G`` with ``c`` the
   column scales, and ``||Delta[:, i]||^2`` as ``||G[:, i]||^2 - ||G~[:, i]||^2``,
   so a step costs two products with ``S_t`` (``S_t^T G`` and ``S_t (...)``) and
-  needs no ``(m, n)`` buffer beyond the gradient and the update. Parameters that
-  are not projected get plain Adam with the same ``b1, b2, eps`` (equal to
+  needs no ``(m, n)`` buffer beyond the gradient and the update. Where that
+  difference is mostly rounding (``||Lambda||^2`` under 0.1% of ``sum_i phi_i^2
+  ||G[:, i]||^2`` with float32 bases: ``G`` lies nearly in the subspace),
+  ``||Lambda||`` is taken from the explicit ``Delta`` instead, at the price of
+  a third product for those matrices only. Parameters that are not projected
+  get plain Adam with the same ``b1, b2, eps`` (equal to
   ``optax.scale_by_adam``), not multiplied by ``scale``.
 
   The step is always the same compiled program: the step predicate is a scalar,
@@ -493,11 +507,24 @@ def scale_by_subspace_adam(
 
     g_low_sq = jnp.sum(jnp.square(g_low), axis=0)
     phi = jnp.linalg.norm(direction, axis=0) / (jnp.sqrt(g_low_sq) + _RS_EPS)
+    weights = jnp.square(phi)
     # ||Delta[:, i]||^2 = ||G[:, i]||^2 - ||G~[:, i]||^2 (S has orthonormal
     # columns): the limiter needs no third (m, n) product.
     g_sq = layout.column_sum(jnp.square(g.astype(jnp.float32)))
-    residual_sq = jnp.maximum(g_sq - g_low_sq, 0.0)
-    lam_norm = jnp.sqrt(jnp.sum(jnp.square(phi) * residual_sq))
+    lam_sq = jnp.sum(weights * jnp.maximum(g_sq - g_low_sq, 0.0))
+
+    def explicit_lam_sq():
+      residual = g.astype(jnp.float32) - layout.expand(basis, g_low)
+      return jnp.sum(weights * layout.column_sum(jnp.square(residual)))
+
+    # When G lies (nearly) in span(S) the difference is rounding noise of
+    # ||G||^2, far above the residual it stands for: form Delta instead.
+    lam_sq = jax.lax.cond(
+      lam_sq < _rs_cancellation_tol(stored) * jnp.sum(weights * g_sq),
+      explicit_lam_sq,
+      lambda: lam_sq,
+    )
+    lam_norm = jnp.sqrt(lam_sq)
     cap = zeta * (rnorm + _RS_EPS)
     limit = (count > 0) & (lam_norm > cap)
     factor = jnp.where(limit, cap / jnp.where(limit, lam_norm, 1.0), 1.0)

@@ -427,3 +427,48 @@ def test_flax_nnx_optimizer_trains_and_checkpoints():
     checkpointer.wait_until_finished()
     restored = checkpointer.restore(f"{tmp}/opt", state)
   chex.assert_trees_all_equal(jax.tree.leaves(restored), jax.tree.leaves(state))
+
+
+def _identity_rule() -> subspace.SubspaceRule:
+  return subspace.SubspaceRule(
+    lambda grad, rank, key: jnp.eye(grad.shape[0], rank, dtype=grad.dtype),
+    lambda basis, grad, key: basis,
+  )
+
+
+def test_recovery_norm_of_a_gradient_inside_the_subspace_is_that_applied():
+  # ||G||^2 - ||S^T G||^2 cancels to rounding noise here (the residual is
+  # ~3e-10 of ||G||^2); the stored norm must be that of the Lambda applied.
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((16, 40))
+  g[RANK:] *= 1e-5
+  g = g.astype(np.float32)
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  tx = grassjax.scale_by_subspace_adam(
+    _identity_rule(), rank=RANK, mask={"wide": True, "tall": True}
+  )
+  grads = {"wide": jnp.asarray(g), "tall": jnp.asarray(g.T)}
+  state = tx.init(grads)
+  _, state = jax.jit(tx.update)(grads, state)
+  low = g[:RANK].astype(np.float64)
+  mu, nu = (1 - b1) * low, (1 - b2) * low**2
+  direction = (mu / (1 - b1)) / (np.sqrt(nu / (1 - b2)) + eps)
+  phi = np.linalg.norm(direction, axis=0) / (np.linalg.norm(low, axis=0) + 1e-8)
+  expected = np.linalg.norm(phi * g[RANK:].astype(np.float64))
+  for name in grads:
+    np.testing.assert_allclose(state.recovery_norm[name], expected, rtol=1e-4)
+
+  # The same with an SVD basis of a rank-RANK gradient: the residual is the
+  # rounding of the SVD, and the stored norm is that of the float32 residual.
+  g = (rng.standard_normal((16, RANK)) @ rng.standard_normal((RANK, 40))).astype(
+    np.float32
+  )
+  tx = grassjax.scale_by_subspace_adam(subspace.svd(), rank=RANK, mask={"w": True})
+  state = tx.init({"w": g})
+  _, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state)
+  basis = np.asarray(state.basis["w"])
+  low = basis.T.astype(np.float64) @ g
+  phi = 1 / (np.linalg.norm(low, axis=0) + 1e-8) * np.sqrt(RANK)
+  residual = g - basis @ (basis.T @ g)
+  expected = np.linalg.norm(phi * residual)
+  np.testing.assert_allclose(state.recovery_norm["w"], expected, rtol=0.2)
