@@ -175,20 +175,33 @@ def projection_error(basis: jax.Array, grad: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(grad - basis @ (basis.T @ grad)))
 
 
+# Singular values of a tangent below this fraction of the norm of the matrix
+# it was projected from are taken as zero: they are rounding (a gradient
+# inside span(S), a random walk with rank = m), which normalizing would
+# otherwise blow up to a full step.
+_TANGENT_RTOL = 1e-4
+
+
 def _step_along(
   basis: jax.Array,
   direction: jax.Array,
+  scale: jax.Array,
   step_size: jax.typing.ArrayLike,
   k: int,
   normalize: bool,
   key: jax.Array | None = None,
 ) -> jax.Array:
-  """Geodesic step along the rank-``k`` part of the tangent ``direction``."""
+  """Geodesic step along the rank-``k`` part of the tangent ``direction``.
+
+  ``scale`` is the Frobenius norm of the matrix ``direction`` was projected
+  from; singular values under ``_TANGENT_RTOL * scale`` do not move the basis.
+  """
   k = min(k, basis.shape[1])
   if key is None:
     u, sigma, v = top_singular(direction, k)
   else:
     u, sigma, v = randomized_svd(direction, k, key)
+  sigma = jnp.where(sigma > _TANGENT_RTOL * scale, sigma, 0.0)
   if normalize:
     # Unit Frobenius norm: the geodesic distance travelled is exactly step_size.
     norm = jnp.linalg.norm(sigma)
@@ -256,6 +269,8 @@ def tracking(
   moves ``S`` by :func:`geodesic` with ``tau = step_size``. ``G A^T`` is
   formed without the ``(m, n)`` residual. The basis is re-orthonormalized
   (:func:`orthonormalize`) after each step. The first basis is the SVD one.
+  Singular values of ``H`` under ``1e-4 ||2 G A^T||_F`` are rounding and count
+  as zero, so a gradient inside ``span(S)`` leaves the basis where it is.
 
   The sign: the SubTrack-Grad paper's eq. (6) steps along ``+grad F``, which
   raises the error; the SubTrack++ algorithm uses ``-grad F``, as here.
@@ -275,8 +290,11 @@ def tracking(
   def update(basis, grad, key):
     del key
     a = basis.T @ grad
-    direction = 2.0 * (grad @ a.T - basis @ (a @ a.T))
-    return _step_along(basis, direction, step_size, tangent_rank, normalize)
+    ga = grad @ a.T
+    direction = 2.0 * (ga - basis @ (a @ a.T))
+    return _step_along(
+      basis, direction, 2.0 * jnp.linalg.norm(ga), step_size, tangent_rank, normalize
+    )
 
   return SubspaceRule(init=_svd_basis, update=update, name="tracking")
 
@@ -303,6 +321,8 @@ def random_walk(
   ``H = (I - S S^T) X``, take its top-``tangent_rank`` part ``U Sigma V^T`` by
   :func:`randomized_svd`, and step along the geodesic (:func:`geodesic`), then
   re-orthonormalize. The gradient is not used after the first step.
+  Singular values of ``H`` under ``1e-4 ||X||_F`` are rounding and count as
+  zero, so with ``r = m`` (no tangent space) the basis stays where it is.
 
   Args:
     step_size: with ``normalize=True`` (default) the geodesic distance of each
@@ -322,8 +342,16 @@ def random_walk(
   def update(basis, grad, key):
     del grad
     draw_key, svd_key = jax.random.split(key)
-    direction = tangent(basis, jax.random.normal(draw_key, basis.shape, basis.dtype))
-    return _step_along(basis, direction, step_size, tangent_rank, normalize, svd_key)
+    draw = jax.random.normal(draw_key, basis.shape, basis.dtype)
+    return _step_along(
+      basis,
+      tangent(basis, draw),
+      jnp.linalg.norm(draw),
+      step_size,
+      tangent_rank,
+      normalize,
+      svd_key,
+    )
 
   return SubspaceRule(
     init=_svd_basis, update=update, needs_key=True, name="random_walk"

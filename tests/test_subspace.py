@@ -167,3 +167,16 @@ def test_orthonormalize_fixes_signs_and_is_idempotent():
   r = q.T @ x
   assert bool(jnp.all(jnp.diagonal(r) > 0))
   np.testing.assert_allclose(subspace.orthonormalize(q), q, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_tangent_of_rounding_leaves_the_basis_in_place(seed):
+  """Normalized steps must not blow a zero tangent's rounding up to a full step."""
+  key = jax.random.key(seed)
+  full = subspace.orthonormalize(jax.random.normal(key, (6, 6)))
+  walked = _walk(full, jax.random.fold_in(key, 1), 0.3)  # r = m: no tangent space
+  np.testing.assert_allclose(walked.T @ full, np.eye(6), atol=1e-5)
+  basis = subspace.orthonormalize(jax.random.normal(key, (8, 3)))
+  inside = basis @ jax.random.normal(jax.random.fold_in(key, 2), (3, 12))
+  tracked = _track(basis, inside)  # the gradient lies in span(S)
+  np.testing.assert_allclose(tracked.T @ basis, np.eye(3), atol=1e-5)
