@@ -81,8 +81,8 @@ class SubspaceAdamState(NamedTuple):
     key: the PRNG key the per-leaf, per-step keys are folded from, stored as
       raw ``uint32`` key data; ``None`` when none was given.
     mu: first moments: ``B + (r, n)`` for projected leaves, the parameter's
-      shape otherwise.
-    nu: second moments, same shapes as ``mu``.
+      shape otherwise (complex for a complex parameter).
+    nu: second moments, same shapes as ``mu``, always real.
     basis: ``B + (m, r)`` orthonormal bases; ``optax.MaskedNode()`` for leaves
       that are not projected.
     recovery_norm: ``B``-shaped ``float32`` norm of the last applied recovery
@@ -223,6 +223,32 @@ def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
     ) from err
 
 
+def _check_dtype(name: str, shape: tuple[int, ...], dtype, projected: bool) -> None:
+  """Refuses what the step would silently get wrong.
+
+  Integer (and boolean) updates would be cast back to their dtype, which
+  truncates Adam's direction to zero; a complex matrix has no real basis.
+  """
+  if jnp.issubdtype(dtype, jnp.floating):
+    return
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    if projected:
+      raise ValueError(
+        f"grassjax: parameter {name} with shape {shape} and dtype {dtype} is"
+        " masked in for low-rank projection, which needs a real dtype; mask it"
+        " out (it then gets Adam with |g|^2, as optax.adam)."
+      )
+    return
+  raise ValueError(
+    f"grassjax: parameter {name} with shape {shape} has dtype {dtype}; only"
+    " floating-point (or, unprojected, complex) parameters can be trained."
+  )
+
+
+def _leaf_dtype(leaf) -> jnp.dtype:
+  return jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
 def _raw_key(key: jax.Array) -> jax.Array:
   """A private copy of the key's raw ``uint32`` data (safe to donate with the state)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -342,9 +368,16 @@ def scale_by_subspace_adam(
   difference is mostly rounding (``||Lambda||^2`` under 0.1% of ``sum_i phi_i^2
   ||G[:, i]||^2`` with float32 bases: ``G`` lies nearly in the subspace),
   ``||Lambda||`` is taken from the explicit ``Delta`` instead, at the price of
-  a third product for those matrices only. Parameters that are not projected
-  get plain Adam with the same ``b1, b2, eps`` (equal to
-  ``optax.scale_by_adam``), not multiplied by ``scale``.
+  a third product for those matrices only.
+
+  Parameters that are not projected get plain Adam with the same ``b1, b2,
+  eps``, not multiplied by ``scale``, computed in float32 at least (complex64
+  for complex parameters, with ``|g|^2`` in ``V``) and cast back to the
+  parameter's dtype, the moments stored in ``moment_dtype``. For float32 (or
+  complex64) parameters and moments that is ``optax.scale_by_adam``; for
+  bfloat16 ones it is ``optax.scale_by_adam`` on the float32 gradient, rounded
+  (optax itself would keep and compute bfloat16 moments). Integer parameters,
+  and complex ones masked in for projection, are refused.
 
   The step is always the same compiled program: the step predicate is a scalar,
   and the subspace update (an SVD, a QR, a geodesic) and the moment rotation
@@ -368,14 +401,15 @@ def scale_by_subspace_adam(
     key: PRNG key (``jax.random.key`` or ``PRNGKey``); required by random rules.
     mask: which parameters are projected: a pytree of bools matching the
       parameters, or a callable of the parameters returning one. Default:
-      every parameter with ``ndim >= 2`` whose two matrix sizes both exceed
-      ``rank``. A masked-in parameter must have ``min(m, n) >= rank``.
+      every real parameter with ``ndim >= 2`` whose two matrix sizes both
+      exceed ``rank``. A masked-in parameter must be real, with ``min(m, n) >=
+      rank``.
     dimension_numbers: which axes form the matrix
       (:class:`MatrixDimensionNumbers`): one for all parameters, a pytree of
       them (``None`` leaves take the default), or a callable of the parameters.
       Default: the last two axes, leading axes stacked.
-    moment_dtype: dtype of ``mu`` and ``nu``; ``None`` means float32 (bfloat16
-      halves them).
+    moment_dtype: dtype of ``mu`` and ``nu``, whatever the parameters' dtype;
+      ``None`` means float32 (bfloat16 halves them).
     basis_dtype: dtype in which the bases are stored; ``None`` means float32.
       The step computes in float32 whatever it is; bfloat16 halves the bases
       at the price of orthonormality to about ``4e-3``.
@@ -389,7 +423,8 @@ def scale_by_subspace_adam(
     :class:`SubspaceAdamState`.
 
   Raises:
-    ValueError: on a bad configuration (named parameter path and shape).
+    ValueError: on a bad configuration or parameter dtype (named parameter path,
+      shape and dtype).
   """
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"grassjax: rank must be an int >= 1, got {rank!r}.")
@@ -416,14 +451,16 @@ def scale_by_subspace_adam(
       "dimension_numbers",
       is_leaf=lambda x: x is None or isinstance(x, MatrixDimensionNumbers),
     )
-    mu, basis, rnorm = [], [], []
+    mu, nu, basis, rnorm = [], [], [], []
     for (path, leaf), masked_in, dims in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], masks, dims_list, strict=True
     ):
       name, shape = jax.tree_util.keystr(path), jnp.shape(leaf)
+      dtype = _leaf_dtype(leaf)
       dims = dims or MatrixDimensionNumbers()
       if mask is None:
-        layout = _layout(name, shape, dims) if len(shape) >= 2 else None
+        real = not jnp.issubdtype(dtype, jnp.complexfloating)
+        layout = _layout(name, shape, dims) if real and len(shape) >= 2 else None
         if layout is not None and min(layout.m, layout.n) <= rank:
           layout = None
       elif not isinstance(masked_in, (bool, type(None))) and not (
@@ -442,23 +479,29 @@ def scale_by_subspace_adam(
             f" {layout.m} x {layout.n}; rank {rank} exceeds its smaller side"
             f" {layout.m}."
           )
+      _check_dtype(name, shape, dtype, layout is not None)
       if layout is None:
-        mu.append(jnp.zeros(shape, moment_dtype))
+        # A complex parameter's mean is complex; its second moment |g|^2 is real.
+        mu_dtype = moment_dtype
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+          mu_dtype = jnp.promote_types(moment_dtype, jnp.complex64)
+        mu.append(jnp.zeros(shape, mu_dtype))
+        nu.append(jnp.zeros(shape, moment_dtype))
         basis.append(optax.MaskedNode())
         rnorm.append(optax.MaskedNode())
       else:
         batch = layout.batch_shape
         mu.append(jnp.zeros((*batch, rank, layout.n), moment_dtype))
+        nu.append(jnp.zeros((*batch, rank, layout.n), moment_dtype))
         basis.append(jnp.zeros((*batch, layout.m, rank), basis_dtype))
         rnorm.append(
           jnp.zeros(batch, jnp.float32) if recovery_scaling else optax.MaskedNode()
         )
-    mu = treedef.unflatten(mu)
     return SubspaceAdamState(
       count=jnp.zeros([], jnp.int32),
       key=None if key is None else _raw_key(key),
-      mu=mu,
-      nu=jax.tree.map(jnp.zeros_like, mu),
+      mu=treedef.unflatten(mu),
+      nu=treedef.unflatten(nu),
       basis=treedef.unflatten(basis),
       recovery_norm=treedef.unflatten(rnorm),
     )
@@ -607,18 +650,23 @@ def scale_by_subspace_adam(
     for i, ((path, g), mu, nu, basis, rnorm, dims) in enumerate(
       zip(leaves_with_path, mus, nus, bases, rnorms, dims_list, strict=True)
     ):
+      name = jax.tree_util.keystr(path)
+      _check_dtype(name, g.shape, g.dtype, not isinstance(basis, optax.MaskedNode))
       if isinstance(basis, optax.MaskedNode):
-        mu = (1 - b1) * g + b1 * mu
-        nu = (1 - b2) * jnp.square(g) + b2 * nu
-        out_updates.append(_adam_direction(mu, nu, t, b1, b2, eps).astype(g.dtype))
-        out_mu.append(mu.astype(moment_dtype))
-        out_nu.append(nu.astype(moment_dtype))
+        # In float32 at least, as the projected leaves: a bfloat16 gradient
+        # would otherwise round (1 - b1) g and g^2 before they are accumulated.
+        g_up = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        new_mu = (1 - b1) * g_up + b1 * mu.astype(g_up.dtype)
+        g_sq = jnp.square(g_up) if jnp.isrealobj(g_up) else (g_up.conj() * g_up).real
+        new_nu = (1 - b2) * g_sq + b2 * nu.astype(g_sq.dtype)
+        direction = _adam_direction(new_mu, new_nu, t, b1, b2, eps)
+        out_updates.append(direction.astype(g.dtype))
+        out_mu.append(new_mu.astype(mu.dtype))
+        out_nu.append(new_nu.astype(nu.dtype))
         out_basis.append(basis)
         out_rnorm.append(rnorm)
         continue
-      layout = _layout(
-        jax.tree_util.keystr(path), g.shape, dims or MatrixDimensionNumbers()
-      )
+      layout = _layout(name, g.shape, dims or MatrixDimensionNumbers())
       branch = jnp.where(
         count == 0, 1, jnp.where((count + offsets[i]) % update_interval == 0, 2, 0)
       )

@@ -472,3 +472,62 @@ def test_recovery_norm_of_a_gradient_inside_the_subspace_is_that_applied():
   residual = g - basis @ (basis.T @ g)
   expected = np.linalg.norm(phi * residual)
   np.testing.assert_allclose(state.recovery_norm["w"], expected, rtol=0.2)
+
+
+def test_unprojected_bfloat16_leaves_are_float32_adam_rounded():
+  params = _params(jnp.bfloat16)
+  mask = {k: k in ("wide", "stack") for k in params}
+  tx = grassjax.scale_by_subspace_adam(
+    subspace.random_jump(), rank=RANK, update_interval=2, key=KEY, mask=mask
+  )
+  adam = optax.scale_by_adam()
+  to_f32 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.float32))
+  state, adam_state = tx.init(params), adam.init(to_f32(params))
+  update, adam_update = jax.jit(tx.update), jax.jit(adam.update)
+  tight = dict(rtol=1e-6, atol=1e-8)
+  for step in range(4):
+    grads = _grads(step, params)
+    updates, state = update(grads, state)
+    expected, adam_state = adam_update(to_f32(grads), adam_state)
+    for name in ("tall", "square", "bias"):
+      # Equal to float32 rounding (jit may fuse the two programs apart), so
+      # the updates to one bfloat16 rounding step.
+      assert updates[name].dtype == jnp.bfloat16
+      np.testing.assert_allclose(updates[name], expected[name], rtol=2**-8)
+      np.testing.assert_allclose(state.mu[name], adam_state.mu[name], **tight)
+      np.testing.assert_allclose(state.nu[name], adam_state.nu[name], **tight)
+  halved = grassjax.scale_by_subspace_adam(
+    subspace.svd(), rank=RANK, mask=mask, moment_dtype=jnp.bfloat16
+  ).init(to_f32(params))
+  assert halved.mu["bias"].dtype == halved.nu["bias"].dtype == jnp.bfloat16
+
+
+def test_complex_parameters_are_left_to_adam_with_the_squared_modulus():
+  keys = jax.random.split(KEY, 3)
+  params = {"w": jax.random.normal(keys[0], (8, 12))}
+  params["c"] = jax.lax.complex(*jax.random.normal(keys[1], (2, 8, 12)))
+  tx = grassjax.scale_by_subspace_adam(subspace.svd(), rank=3, scale=0.25)
+  adam = optax.scale_by_adam()
+  state, adam_state = tx.init(params), adam.init(params)
+  assert isinstance(state.basis["c"], optax.MaskedNode)  # the default mask
+  assert state.mu["c"].dtype == jnp.complex64 and state.nu["c"].dtype == jnp.float32
+  update, adam_update = jax.jit(tx.update), jax.jit(adam.update)
+  for step in range(3):
+    grads = _grads(step, params)
+    grads["c"] = grads["c"] + 1j * _grads(step + 10, params)["c"]
+    updates, state = update(grads, state)
+    expected, adam_state = adam_update(grads, adam_state)
+    np.testing.assert_allclose(updates["c"], expected["c"], rtol=1e-6, atol=1e-7)
+
+
+def test_integer_and_projected_complex_parameters_are_refused():
+  tx = grassjax.galore(1e-2, rank=3)
+  with pytest.raises(ValueError, match=r"\['i'\] with shape \(8, 12\) has dtype int32"):
+    tx.init({"i": jnp.ones((8, 12), jnp.int32)})
+  with pytest.raises(ValueError, match=r"\['w'\] with shape \(8, 12\) has dtype int32"):
+    tx.update({"w": jnp.ones((8, 12), jnp.int32)}, tx.init({"w": jnp.ones((8, 12))}))
+  masked_in = grassjax.galore(1e-2, rank=3, mask={"c": True})
+  with pytest.raises(
+    ValueError, match=r"\['c'\] with shape \(8, 12\) and dtype complex64"
+  ):
+    masked_in.init({"c": jnp.ones((8, 12), jnp.complex64)})
