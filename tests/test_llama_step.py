@@ -29,8 +29,10 @@ RUN = dict(
 )
 
 
-def _run(cfg: config_lib.TrainConfig, steps: int):
-  """``steps`` training steps on fixed random tokens: (losses, final state)."""
+def _run(cfg: config_lib.TrainConfig, steps: int, tokens=None):
+  """``steps`` training steps on fixed random tokens (or ``tokens``, shaped
+  ``(steps, grad_accum, micro_batch, seq_len + 1)``): (losses, final state,
+  energy fractions per step)."""
   model_config = config_lib.model_config(cfg, VOCAB)
   tx = config_lib.make_optimizer(cfg, cfg.steps)
   graphdefs, abstract = train_lib.abstract_train_state(model_config, tx, cfg.seed)
@@ -39,12 +41,14 @@ def _run(cfg: config_lib.TrainConfig, steps: int):
   state = train_lib.init_train_state(model_config, tx, cfg.seed, shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
-  tokens = np.random.default_rng(0).integers(0, VOCAB, (steps, 1, 4, 33))
-  losses = []
+  if tokens is None:
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (steps, 1, 4, 33))
+  losses, energy = [], []
   for batch in tokens:
     state, metrics = step(state, jnp.asarray(batch, jnp.int32))
-    losses.append(float(metrics["loss"]))
-  return np.array(losses), state
+    losses.append(float(metrics.pop("loss")))
+    energy.append({k: float(v) for k, v in metrics.items()})
+  return np.array(losses), state, energy
 
 
 @pytest.mark.parametrize(
@@ -52,9 +56,14 @@ def _run(cfg: config_lib.TrainConfig, steps: int):
 )
 def test_fused_update_equals_unfused(optimizer):
   cfg = config_lib.TrainConfig(optimizer=optimizer, **RUN)
-  unfused_losses, unfused = _run(cfg, 20)
-  fused_losses, fused = _run(dataclasses.replace(cfg, fused_update=True), 20)
+  unfused_losses, unfused, unfused_energy = _run(cfg, 20)
+  fused_losses, fused, fused_energy = _run(
+    dataclasses.replace(cfg, fused_update=True), 20
+  )
   np.testing.assert_allclose(fused_losses, unfused_losses, rtol=1e-6)
+  for a, b in zip(unfused_energy[1:], fused_energy[1:], strict=True):
+    assert a.keys() == b.keys() and (optimizer == "adamw") == (not a)
+    np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=1e-5)
   # The parameters, each array to 1e-6 of its norm. (Element by element,
   # Adam turns one-ulp differences in near-zero gradients into larger
   # relative ones, and an SVD basis may turn within a nearly degenerate
@@ -67,7 +76,10 @@ def test_fused_update_equals_unfused(optimizer):
 
 
 def test_fused_update_with_bfloat16_weights_and_state_equals_unfused():
-  # Stochastic rounding draws the same bits per block in both modes.
+  # Stochastic rounding draws the same bits per block in both modes: at most a
+  # rare element differs, by one bfloat16 step, where float32 gradients
+  # computed in another order round the other way (different bits would
+  # move about half of them).
   cfg = config_lib.TrainConfig(
     optimizer="grasswalk",
     param_dtype="bfloat16",
@@ -75,14 +87,32 @@ def test_fused_update_with_bfloat16_weights_and_state_equals_unfused():
     basis_dtype="bfloat16",
     **RUN,
   )
-  unfused_losses, unfused = _run(cfg, 6)
-  fused_losses, fused = _run(dataclasses.replace(cfg, fused_update=True), 6)
+  unfused_losses, unfused, _ = _run(cfg, 6)
+  fused_losses, fused, _ = _run(dataclasses.replace(cfg, fused_update=True), 6)
   np.testing.assert_allclose(fused_losses, unfused_losses, rtol=1e-6)
   for a, b in zip(
     jax.tree.leaves(unfused.model), jax.tree.leaves(fused.model), strict=True
   ):
     assert a.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    differ = a != b
+    assert differ.mean() <= 1e-3
+    assert np.all(np.abs(a - b)[differ] <= 2**-7 * np.abs(a)[differ])
+
+
+def test_energy_measured_in_the_backward_loop_equals_the_energy_of_the_gradient():
+  # One micro-batch: a scanned model measures each block's energy fraction
+  # inside its backward loop. Two equal micro-batches: the gradient is the
+  # same, and its energy is measured on the whole accumulated tree.
+  cfg = config_lib.TrainConfig(optimizer="grasswalk", **dict(RUN, batch_size=2))
+  tokens = np.random.default_rng(1).integers(0, VOCAB, (6, 1, 2, 33))
+  in_loop = _run(cfg, 6, tokens)[2]
+  accumulated = _run(
+    dataclasses.replace(cfg, batch_size=4, grad_accum=2), 6, tokens.repeat(2, axis=1)
+  )[2]
+  for a, b in zip(in_loop[1:], accumulated[1:], strict=True):
+    assert a.keys() == b.keys() and len(a) == 7
+    np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
 
 
 def test_clip_per_layer_clips_each_block_and_the_rest():
@@ -113,18 +143,22 @@ def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update
 
 def test_stacked_leaf_step_memory_stays_within_the_state_saving():
   # Peak(opt) - peak(adamw) <= state(opt) - state(adamw) + 2% of peak(adamw):
-  # the optimizer holds no stack-sized temporaries beyond the gradient.
+  # the optimizer holds no stack-sized temporaries beyond the gradient. With
+  # 16 blocks, so that one block's work (allowed) is small next to a stack.
   settings = dict(RUN, clip="global", rank=32, batch_size=2, seq_len=32)
-  adamw, grasswalk = (
+  model_config = dataclasses.replace(
+    config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB), n_layers=16
+  )
+  adamw, *low_rank = (
     train_lib.step_memory(
-      config_lib.TrainConfig(optimizer=name, **settings),
-      config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB),
+      config_lib.TrainConfig(optimizer=name, **settings), model_config
     )
-    for name in ("adamw", "grasswalk")
+    for name in ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
   )
-  assert grasswalk["peak"] - adamw["peak"] <= (
-    grasswalk["optimizer_state"] - adamw["optimizer_state"] + 0.02 * adamw["peak"]
-  )
+  for memory in low_rank:
+    assert memory["peak"] - adamw["peak"] <= (
+      memory["optimizer_state"] - adamw["optimizer_state"] + 0.02 * adamw["peak"]
+    )
 
 
 def test_dry_run_prints_the_memory_of_the_step_and_exits(capsys):

@@ -26,7 +26,6 @@ all three.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -363,23 +362,92 @@ def _put(stack: jax.Array, x: jax.Array, index) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(stack, x, index, 0)
 
 
-def _scanned_gradients(model, params, tokens):
-  """``(loss, grads)`` of a scanned model by :class:`ScannedBackward`."""
+class LayerStates:
+  """The ``layers`` group's optimizer state seen one block at a time.
+
+  Its leaves split into stacks (one slice per block: moments, bases) and
+  shared leaves (step counts, keys), told apart by initializing the group for
+  one block: a leaf whose shape differs from the whole-stack init's is stacked.
+  ``opt_state`` holds :func:`config.make_optimizer`'s partition (alone or
+  after clipping).
+  """
+
+  def __init__(self, cfg, passes: ScannedBackward, params, opt_state):
+    self.tx = _group_tx(cfg, config_lib.LAYERS)
+    one_block = passes.whole([x[0] for x in passes.part(params, True)])
+    self.stacked = [
+      a.shape != b.shape
+      for a, b in zip(
+        jax.tree.leaves(jax.eval_shape(self.tx.init, params)),
+        jax.tree.leaves(jax.eval_shape(self.tx.init, one_block)),
+        strict=True,
+      )
+    ]
+    is_partition = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
+    (partition,) = [
+      x for x in jax.tree.leaves(opt_state, is_leaf=is_partition) if is_partition(x)
+    ]
+    leaves, self.treedef = jax.tree.flatten(partition.inner_states[config_lib.LAYERS])
+    self.stacks, self.shared = _split(leaves, self.stacked)
+
+  def at(self, index, stacks: Sequence, shared: Sequence):
+    """Block ``index``'s state, from the stacks and the shared leaves."""
+    return self.treedef.unflatten(
+      _join([_pick(x, index) for x in stacks], shared, self.stacked)
+    )
+
+  def parts(self, state) -> tuple[list, list]:
+    """A block's state, as (slices of the stacks, shared leaves)."""
+    return _split(jax.tree.leaves(state), self.stacked)
+
+  def whole(self, stacks: Sequence, shared: Sequence):
+    return self.treedef.unflatten(_join(stacks, shared, self.stacked))
+
+
+def _energy_shapes(passes: ScannedBackward, states: LayerStates, layer_params):
+  """``{name: zeros((n_layers,))}`` for the energy fractions of each block."""
+  shapes = jax.eval_shape(
+    lambda: energy_by_layer_type(
+      passes.whole([_pick(x, 0) for x in layer_params]),
+      states.at(0, states.stacks, states.shared),
+    )
+  )
+  return {k: jnp.zeros((passes.n_layers,), v.dtype) for k, v in shapes.items()}
+
+
+def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
+  """``(loss, grads, energy)`` of a scanned model by :class:`ScannedBackward`.
+
+  With ``opt_state``, :func:`energy_by_layer_type` of each block's gradient
+  is measured as the backward loop makes it (so before any update, which may
+  then write over the gradients and the bases in place), averaged over the
+  blocks; otherwise ``energy`` is empty.
+  """
   passes = ScannedBackward(model, params, tokens)
   loss, dx = passes.forward()
   layer_params = passes.part(params, True)
+  states = None if opt_state is None else LayerStates(cfg, passes, params, opt_state)
 
   def backward(i, carry):
-    dx, grads = carry
+    dx, grads, energy = carry
     index = passes.n_layers - 1 - i
     layer_grads, dx = passes.block_backward(
       index, [_pick(x, index) for x in layer_params], dx
     )
-    return dx, [_put(*pair, index) for pair in zip(grads, layer_grads, strict=True)]
+    if states is not None:
+      state = states.at(index, states.stacks, states.shared)
+      layer_energy = energy_by_layer_type(passes.whole(layer_grads), state)
+      energy = {k: _put(energy[k], v, index) for k, v in layer_energy.items()}
+    grads = [_put(*pair, index) for pair in zip(grads, layer_grads, strict=True)]
+    return dx, grads, energy
 
   zeros = [jnp.zeros_like(x) for x in layer_params]
-  dx, layer_grads = jax.lax.fori_loop(0, passes.n_layers, backward, (dx, zeros))
-  return loss, passes.whole(layer_grads, passes.rest_gradients(dx))
+  energy = {} if states is None else _energy_shapes(passes, states, layer_params)
+  dx, layer_grads, energy = jax.lax.fori_loop(
+    0, passes.n_layers, backward, (dx, zeros, energy)
+  )
+  grads = passes.whole(layer_grads, passes.rest_gradients(dx))
+  return loss, grads, {k: v.mean() for k, v in energy.items()}
 
 
 def whole_model_step(cfg, model, optimizer, batch):
@@ -390,31 +458,39 @@ def whole_model_step(cfg, model, optimizer, batch):
   model_def, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.as_pure(params)
 
-  if cfg.scan_layers:
-    value_and_grad = functools.partial(_scanned_gradients, model)
-  else:
-
-    def loss_fn(params, tokens):
-      logits = nnx.merge(model_def, params, rest)(tokens[:, :-1])
-      return cross_entropy(logits, tokens[:, 1:])
-
-    value_and_grad = jax.value_and_grad(loss_fn)
-
-  if batch.shape[0] == 1:  # no accumulator: one gradient buffer, not two
-    loss, grads = value_and_grad(params, batch[0])
-  else:
-
-    def accumulate(totals, tokens):
-      return jax.tree.map(jnp.add, totals, value_and_grad(params, tokens)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    totals, _ = jax.lax.scan(accumulate, zeros, batch)
-    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
   opt_state = nnx.as_pure(optimizer.opt_state)
-  # The energy is measured before the update (which may write over the
-  # gradients); the barrier keeps XLA from holding a copy of them for it.
-  energy = energy_by_layer_type(grads, opt_state)
-  grads, energy = jax.lax.optimization_barrier((grads, energy))
+  if cfg.scan_layers and batch.shape[0] == 1:
+    loss, grads, energy = _scanned_gradients(cfg, model, params, batch[0], opt_state)
+  else:
+    if cfg.scan_layers:
+
+      def value_and_grad(params, tokens):
+        return _scanned_gradients(cfg, model, params, tokens)[:2]
+
+    else:
+
+      def loss_fn(params, tokens):
+        logits = nnx.merge(model_def, params, rest)(tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:])
+
+      value_and_grad = jax.value_and_grad(loss_fn)
+
+    if batch.shape[0] == 1:  # no accumulator: one gradient buffer, not two
+      loss, grads = value_and_grad(params, batch[0])
+    else:
+
+      def accumulate(totals, tokens):
+        return jax.tree.map(jnp.add, totals, value_and_grad(params, tokens)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      totals, _ = jax.lax.scan(accumulate, zeros, batch)
+      loss, grads = jax.tree.map(lambda x: x / batch.shape[0], totals)
+    # The energy is measured before the update (which may write over the
+    # gradients); the barrier keeps XLA from holding a copy of them for it
+    # (where the compiler keeps barriers until scheduling: not on CPU, which
+    # is why scanned models measure it inside the backward loop instead).
+    energy = energy_by_layer_type(grads, opt_state)
+    grads, energy = jax.lax.optimization_barrier((grads, energy))
   if cfg.clip == "per-layer":
     grads = clip_per_layer(grads)
   updates, opt_state = optimizer.tx.update(grads, opt_state, params)
@@ -447,22 +523,8 @@ def fused_step(cfg, model, optimizer, batch):
   whole, n_layers = passes.whole, passes.n_layers
   loss, dx = passes.forward()
 
-  # The ``layers`` group's state: its stacked arrays are sliced per block; the
-  # rest (step counts, keys) is the same for every block.
-  layers_tx = _group_tx(cfg, config_lib.LAYERS)
+  states = LayerStates(cfg, passes, params, opt_state)
   layer_params = passes.part(params, True)
-  stacked = [
-    a.shape != b.shape
-    for a, b in zip(
-      jax.tree.leaves(jax.eval_shape(layers_tx.init, params)),
-      jax.tree.leaves(
-        jax.eval_shape(layers_tx.init, whole([x[0] for x in layer_params]))
-      ),
-      strict=True,
-    )
-  ]
-  state_leaves, state_def = jax.tree.flatten(opt_state.inner_states[config_lib.LAYERS])
-  state_stacks, shared = _split(state_leaves, stacked)
 
   def layer_step(index, dx, layer_params, state_stacks):
     """Block ``index``'s backward pass and update: its new slices, the new
@@ -471,35 +533,31 @@ def fused_step(cfg, model, optimizer, batch):
     grads, dx = passes.block_backward(index, p, dx)
     if cfg.clip == "per-layer":
       grads = clip_by_group_norm(grads, 1.0, stacked=False)
-    state = state_def.unflatten(
-      _join([_pick(x, index) for x in state_stacks], shared, stacked)
-    )
+    # Every block starts from the step's shared state (one step count).
+    state = states.at(index, state_stacks, states.shared)
     grads = whole(grads)
     energy = energy_by_layer_type(grads, state)
-    updates, state = layers_tx.update(grads, state, whole(p), layer=(index, n_layers))
+    updates, state = states.tx.update(grads, state, whole(p), layer=(index, n_layers))
     p = passes.part(apply_updates(whole(p), updates, key, layer=index), True)
-    return dx, p, *_split(jax.tree.leaves(state), stacked), energy
+    return dx, p, *states.parts(state), energy
 
   def backward(i, carry):
     dx, layer_params, state_stacks, _, energy = carry
     index = n_layers - 1 - i
-    dx, p, state_slices, new_shared, layer_energy = layer_step(
+    dx, p, state_slices, shared, layer_energy = layer_step(
       index, dx, layer_params, state_stacks
     )
     return (
       dx,
       [_put(*pair, index) for pair in zip(layer_params, p, strict=True)],
       [_put(*pair, index) for pair in zip(state_stacks, state_slices, strict=True)],
-      new_shared,
+      shared,
       {k: _put(energy[k], v, index) for k, v in layer_energy.items()},
     )
 
-  energy_shapes = jax.eval_shape(
-    lambda: layer_step(0, dx, layer_params, state_stacks)[-1]
-  )
-  energy = {k: jnp.zeros((n_layers,), v.dtype) for k, v in energy_shapes.items()}
+  energy = _energy_shapes(passes, states, layer_params)
   dx, layer_params, state_stacks, shared, energy = jax.lax.fori_loop(
-    0, n_layers, backward, (dx, layer_params, state_stacks, shared, energy)
+    0, n_layers, backward, (dx, layer_params, states.stacks, states.shared, energy)
   )
 
   # The embedding, final norm and head: one more group, updated last.
@@ -513,7 +571,7 @@ def fused_step(cfg, model, optimizer, batch):
   rest = passes.part(apply_updates(rest_params, updates, key), False)
   opt_state = optax.PartitionState(
     {
-      config_lib.LAYERS: state_def.unflatten(_join(state_stacks, shared, stacked)),
+      config_lib.LAYERS: states.whole(state_stacks, shared),
       config_lib.REST: rest_state,
     }
   )
