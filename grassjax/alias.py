@@ -28,11 +28,6 @@ from grassjax.transform import (
 )
 
 
-def _check_step_size(step_size) -> None:
-  if isinstance(step_size, (int, float)) and step_size < 0:
-    raise ValueError(f"grassjax: step_size must be >= 0, got {step_size!r}.")
-
-
 def _low_rank_adamw(
   rule: subspace_lib.SubspaceRule,
   learning_rate: optax.ScalarOrSchedule,
@@ -123,7 +118,6 @@ def grasswalk(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_step_size(step_size)
   rule = subspace_lib.random_walk(
     step_size, tangent_rank=tangent_rank, normalize=normalize_step
   )
@@ -292,7 +286,6 @@ def subtrack_pp(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_step_size(step_size)
   rule = subspace_lib.tracking(
     step_size, tangent_rank=tangent_rank, normalize=normalize_step
   )

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 InitFn = Callable[[jax.Array, int, jax.Array | None], jax.Array]
 UpdateFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -46,9 +47,9 @@ class SubspaceRule(NamedTuple):
 
   Attributes:
     init: ``init(grad, rank, key) -> basis``. ``grad`` is ``(m, n)`` with
-      ``m <= n`` (float32), ``rank`` a static int ``r <= m``, ``key`` a PRNG key
-      (``None`` when the optimizer was given none). Returns an ``(m, r)``
-      matrix with orthonormal columns.
+      ``m <= n`` (float32), ``rank`` a static int ``r <= m``, ``key`` a typed
+      PRNG key (``None`` when the optimizer was given none). Returns an ``(m,
+      r)`` matrix with orthonormal columns.
     update: ``update(basis, grad, key) -> basis``: the ``(m, r)`` basis for the
       current update step from the previous ``(m, r)`` basis and the current
       ``(m, n)`` gradient. Must keep the columns orthonormal.
@@ -72,6 +73,31 @@ class SubspaceRule(NamedTuple):
   update: UpdateFn
   needs_key: bool = False
   name: str = "custom"
+
+
+def _positive_int(name: str, value) -> int:
+  """``value``, a Python or NumPy integer ``>= 1``, as an int; else a ValueError.
+
+  Such arguments fix array shapes, so they cannot be traced.
+  """
+  if (
+    isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+  ):
+    return int(value)
+  hint = ""
+  if isinstance(value, jax.Array):
+    hint = " (with optax.inject_hyperparams, name it in static_args)"
+  raise ValueError(f"grassjax: {name} must be an int >= 1, got {value!r}{hint}.")
+
+
+def _check_step_size(step_size: jax.typing.ArrayLike) -> None:
+  """Refuses a negative or non-finite ``step_size`` where its value is known."""
+  try:
+    value = float(step_size)
+  except TypeError:  # traced, as under optax.inject_hyperparams: unknown here
+    return
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"grassjax: step_size must be finite and >= 0, got {step_size!r}.")
 
 
 # ----------------------------------------------------------------------------
@@ -287,6 +313,9 @@ def tracking(
   Scalable LLM Training" (2025).
   """
 
+  _check_step_size(step_size)
+  tangent_rank = _positive_int("tangent_rank", tangent_rank)
+
   def update(basis, grad, key):
     del key
     a = basis.T @ grad
@@ -338,6 +367,9 @@ def random_walk(
   Reference: "Principled Randomized Exploration of Gradient Subspaces for
   Efficient LLM Training", Section 3, eq. (2).
   """
+
+  _check_step_size(step_size)
+  tangent_rank = _positive_int("tangent_rank", tangent_rank)
 
   def update(basis, grad, key):
     del grad

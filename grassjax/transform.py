@@ -249,11 +249,32 @@ def _leaf_dtype(leaf) -> jnp.dtype:
   return jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
 
 
-def _raw_key(key: jax.Array) -> jax.Array:
-  """A private copy of the key's raw ``uint32`` data (safe to donate with the state)."""
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return jnp.array(key, jnp.uint32, copy=True)
+def _split_key(key) -> tuple[jax.Array, Any]:
+  """A key's raw ``uint32`` data and its implementation (``None``: the default).
+
+  The state keeps the raw data (plain arrays checkpoint everywhere); the
+  implementation rewraps it on every step, so any ``jax.random.key(seed,
+  impl=...)`` works.
+
+  Raises:
+    TypeError: unless ``key`` is one typed key (``jax.random.key``) or one raw
+      key of the default implementation (``jax.random.PRNGKey``).
+  """
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if jnp.shape(key) == ():
+      return jax.random.key_data(key), jax.random.key_impl(key)
+  elif dtype == jnp.uint32:
+    try:
+      one = jnp.shape(jax.random.wrap_key_data(key)) == ()
+    except (TypeError, ValueError):
+      one = False
+    if one:
+      return key, None
+  raise TypeError(
+    "grassjax: key must be one PRNG key, from jax.random.key(seed) (any impl)"
+    f" or jax.random.PRNGKey(seed); got {key!r}."
+  )
 
 
 def _adam_direction(mu, nu, count, b1, b2, eps):
@@ -398,7 +419,8 @@ def scale_by_subspace_adam(
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's ``eps``, added outside the square root.
-    key: PRNG key (``jax.random.key`` or ``PRNGKey``); required by random rules.
+    key: one PRNG key, ``jax.random.key(seed)`` (any ``impl``) or
+      ``jax.random.PRNGKey(seed)``; required by random rules.
     mask: which parameters are projected: a pytree of bools matching the
       parameters, or a callable of the parameters returning one. Default:
       every real parameter with ``ndim >= 2`` whose two matrix sizes both
@@ -425,13 +447,16 @@ def scale_by_subspace_adam(
   Raises:
     ValueError: on a bad configuration or parameter dtype (named parameter path,
       shape and dtype).
+    TypeError: if ``subspace`` is not a :class:`~grassjax.SubspaceRule` or
+      ``key`` not a PRNG key.
   """
-  if not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"grassjax: rank must be an int >= 1, got {rank!r}.")
-  if not isinstance(update_interval, int) or update_interval < 1:
-    raise ValueError(
-      f"grassjax: update_interval must be an int >= 1, got {update_interval!r}."
+  if not isinstance(subspace, subspace_lib.SubspaceRule):
+    raise TypeError(
+      "grassjax: subspace must be a grassjax.SubspaceRule, such as"
+      f" grassjax.subspace.svd(); got {subspace!r}."
     )
+  rank = subspace_lib._positive_int("rank", rank)
+  update_interval = subspace_lib._positive_int("update_interval", update_interval)
   if isinstance(zeta, (int, float)) and not zeta > 0:
     raise ValueError(f"grassjax: zeta must be > 0, got {zeta!r}.")
   moment_dtype = jnp.float32 if moment_dtype is None else moment_dtype
@@ -441,6 +466,7 @@ def scale_by_subspace_adam(
       f"grassjax: the {subspace.name!r} subspace rule is random and needs a"
       " PRNG key: pass key=jax.random.key(seed)."
     )
+  key_data, key_impl = (None, None) if key is None else _split_key(key)
 
   def init_fn(params: optax.Params) -> SubspaceAdamState:
     treedef = jax.tree.structure(params)
@@ -499,7 +525,8 @@ def scale_by_subspace_adam(
         )
     return SubspaceAdamState(
       count=jnp.zeros([], jnp.int32),
-      key=None if key is None else _raw_key(key),
+      # A private copy, safe to donate with the state.
+      key=None if key_data is None else jnp.array(key_data, copy=True),
       mu=treedef.unflatten(mu),
       nu=treedef.unflatten(nu),
       basis=treedef.unflatten(basis),
@@ -673,13 +700,14 @@ def scale_by_subspace_adam(
       if state.key is None:
         keys = None
       else:
-        leaf_key = jax.random.fold_in(jax.random.fold_in(state.key, i), count)
+        base_key = jax.random.wrap_key_data(state.key, impl=key_impl)
+        leaf_key = jax.random.fold_in(jax.random.fold_in(base_key, i), count)
         size = math.prod(layout.batch_shape)
         if layer is None:
           keys = jax.random.split(leaf_key, size)
         else:  # the keys of the whole stack, and this slice's share of them
           index, layers = layer
-          keys = jax.random.split(leaf_key, layers * size).reshape(layers, size, -1)
+          keys = jax.random.split(leaf_key, layers * size).reshape(layers, size)
           keys = jax.lax.dynamic_index_in_dim(keys, index, keepdims=False)
       has_rnorm = not isinstance(rnorm, optax.MaskedNode)
       update, mu, nu, basis, rnorm = project_stack(

@@ -531,3 +531,71 @@ def test_integer_and_projected_complex_parameters_are_refused():
     ValueError, match=r"\['c'\] with shape \(8, 12\) and dtype complex64"
   ):
     masked_in.init({"c": jnp.ones((8, 12), jnp.complex64)})
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_keys_of_any_prng_implementation(impl):
+  params = {"a": jnp.ones((8, 12)), "s": jnp.ones((2, 8, 12))}
+  key = jax.random.key(0, impl=impl)
+  tx = grassjax.grassjump(1e-2, rank=3, key=key, update_interval=2)
+  _, state = _run(tx, params, 3)
+  basis = _subspace_state(state).basis
+  # The third step (count 2) moved the basis with its leaf's first key.
+  step_key = jax.random.fold_in(jax.random.fold_in(key, 0), 2)
+  expected = subspace.random_jump().update(
+    basis["a"], None, jax.random.split(step_key, 1)[0]
+  )
+  np.testing.assert_allclose(basis["a"], expected, atol=1e-6)
+  assert not np.allclose(basis["s"][0], basis["s"][1])
+
+
+def test_raw_and_typed_threefry_keys_give_the_same_stream():
+  params = {"a": jnp.ones((8, 12))}
+
+  def basis(key):
+    tx = grassjax.grasswalk(1e-2, rank=3, key=key, update_interval=1)
+    return _subspace_state(_run(tx, params, 3)[1]).basis["a"]
+
+  np.testing.assert_array_equal(basis(KEY), basis(jax.random.PRNGKey(0)))
+
+
+@pytest.mark.parametrize(
+  ("make", "error", "match"),
+  [
+    (lambda: grassjax.grasswalk(1e-2, rank=3, key=42), TypeError, "key.*got 42"),
+    (
+      lambda: grassjax.grasswalk(1e-2, rank=3, key=jax.random.split(KEY)),
+      TypeError,
+      "key must be one PRNG key",
+    ),
+    (
+      lambda: grassjax.scale_by_subspace_adam("svd", rank=3),
+      TypeError,
+      "subspace must be a grassjax.SubspaceRule",
+    ),
+    (
+      lambda: grassjax.grasswalk(1e-2, rank=3, key=KEY, step_size=float("nan")),
+      ValueError,
+      "step_size must be finite",
+    ),
+    (
+      lambda: subspace.tracking(float("inf")),
+      ValueError,
+      "step_size must be finite",
+    ),
+    (lambda: grassjax.galore(1e-2, rank=2.0), ValueError, "rank must be an int"),
+    (
+      lambda: grassjax.subtrack_pp(1e-2, rank=3, tangent_rank=0),
+      ValueError,
+      "tangent_rank must be an int",
+    ),
+  ],
+)
+def test_bad_arguments_are_refused_at_construction(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_numpy_integers_are_accepted_for_int_arguments():
+  tx = grassjax.galore(1e-2, rank=np.int64(3), update_interval=np.int32(2))
+  chex.assert_shape(tx.init({"w": jnp.ones((8, 12))})[0].basis["w"], (8, 3))
