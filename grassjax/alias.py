@@ -65,7 +65,7 @@ def grasswalk(
   zeta: float = 1.01,
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
-  tangent_rank: int = 1,
+  tangent_rank: int | None = None,
   normalize_step: bool = True,
   moment_dtype: jax.typing.DTypeLike | None = None,
   basis_dtype: jax.typing.DTypeLike | None = None,
@@ -108,7 +108,7 @@ def grasswalk(
     mask: which parameters are projected (pytree of bools or callable).
     dimension_numbers: which axes form each matrix
       (:class:`grassjax.MatrixDimensionNumbers`).
-    tangent_rank: rank of each random rotation.
+    tangent_rank: rank of each random rotation (``None``: 1).
     normalize_step: ``step_size`` is an angle (True) or the raw scale.
     moment_dtype: dtype of Adam's moments (``None``: float32).
     basis_dtype: dtype of the stored bases (``None``: float32).
@@ -119,7 +119,9 @@ def grasswalk(
     An ``optax.GradientTransformation``.
   """
   rule = subspace_lib.random_walk(
-    step_size, tangent_rank=tangent_rank, normalize=normalize_step
+    step_size,
+    tangent_rank=1 if tangent_rank is None else tangent_rank,
+    normalize=normalize_step,
   )
   return _low_rank_adamw(
     rule,
@@ -240,7 +242,7 @@ def subtrack_pp(
   zeta: float = 1.01,
   mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
-  tangent_rank: int = 1,
+  tangent_rank: int | None = None,
   normalize_step: bool = False,
   moment_dtype: jax.typing.DTypeLike | None = None,
   basis_dtype: jax.typing.DTypeLike | None = None,
@@ -276,7 +278,7 @@ def subtrack_pp(
     zeta: growth limiter of the recovery term.
     mask: which parameters are projected.
     dimension_numbers: which axes form each matrix.
-    tangent_rank: rank of each tracking step (1 in the papers).
+    tangent_rank: rank of each tracking step (``None``: 1, as in the papers).
     normalize_step: make ``step_size`` an angle in radians.
     moment_dtype: dtype of Adam's moments (``None``: float32).
     basis_dtype: dtype of the stored bases (``None``: float32).
@@ -287,7 +289,9 @@ def subtrack_pp(
     An ``optax.GradientTransformation``.
   """
   rule = subspace_lib.tracking(
-    step_size, tangent_rank=tangent_rank, normalize=normalize_step
+    step_size,
+    tangent_rank=1 if tangent_rank is None else tangent_rank,
+    normalize=normalize_step,
   )
   return _low_rank_adamw(
     rule,

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from grassjax import subspace as subspace_lib
@@ -223,6 +224,33 @@ def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
     ) from err
 
 
+def _is_int_scalar_array(x) -> bool:
+  """Whether ``x`` is an integer scalar array, as ``inject_hyperparams`` makes of ints."""
+  return (
+    isinstance(x, jax.Array) and x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)
+  )
+
+
+def _as_dtype(name: str, value: jax.typing.DTypeLike | None) -> jnp.dtype:
+  """``value`` as a dtype, float32 for ``None``.
+
+  An array is refused: ``optax.inject_hyperparams`` takes a dtype such as
+  ``jnp.bfloat16`` (a callable) for a schedule unless it is static, and would
+  hand over ``jnp.bfloat16(count)`` cast to float32.
+  """
+  if value is None:
+    return jnp.dtype(jnp.float32)
+  if not isinstance(value, (jax.Array, np.ndarray)):
+    try:
+      return jnp.dtype(value)
+    except TypeError:
+      pass
+  raise TypeError(
+    f"grassjax: {name} must be a dtype, got {value!r} (with"
+    " optax.inject_hyperparams, name it in static_args)."
+  )
+
+
 def _check_dtype(name: str, shape: tuple[int, ...], dtype, projected: bool) -> None:
   """Refuses what the step would silently get wrong.
 
@@ -344,7 +372,7 @@ def scale_by_subspace_adam(
   subspace: subspace_lib.SubspaceRule,
   *,
   rank: int,
-  update_interval: int = 200,
+  update_interval: int | jax.Array = 200,
   adaptive_optimizer: bool = True,
   recovery_scaling: bool = True,
   zeta: float = 1.01,
@@ -409,7 +437,9 @@ def scale_by_subspace_adam(
   Args:
     subspace: the subspace rule (see :mod:`grassjax.subspace`).
     rank: ``r``, the subspace dimension, ``>= 1``.
-    update_interval: ``T``, steps between basis updates.
+    update_interval: ``T``, steps between basis updates: an int, or an
+      integer scalar array (it may be traced, as a hyperparameter of
+      ``optax.inject_hyperparams``).
     adaptive_optimizer: rotate Adam's moments onto each new basis (AO).
     recovery_scaling: add the rescaled out-of-subspace residual (RS).
     zeta: growth limiter of the recovery term's norm, ``> 0``.
@@ -456,11 +486,12 @@ def scale_by_subspace_adam(
       f" grassjax.subspace.svd(); got {subspace!r}."
     )
   rank = subspace_lib._positive_int("rank", rank)
-  update_interval = subspace_lib._positive_int("update_interval", update_interval)
+  if not _is_int_scalar_array(update_interval):
+    update_interval = subspace_lib._positive_int("update_interval", update_interval)
   if isinstance(zeta, (int, float)) and not zeta > 0:
     raise ValueError(f"grassjax: zeta must be > 0, got {zeta!r}.")
-  moment_dtype = jnp.float32 if moment_dtype is None else moment_dtype
-  basis_dtype = jnp.float32 if basis_dtype is None else basis_dtype
+  moment_dtype = _as_dtype("moment_dtype", moment_dtype)
+  basis_dtype = _as_dtype("basis_dtype", basis_dtype)
   if subspace.needs_key and key is None:
     raise ValueError(
       f"grassjax: the {subspace.name!r} subspace rule is random and needs a"
