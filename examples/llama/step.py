@@ -362,17 +362,26 @@ def _put(stack: jax.Array, x: jax.Array, index) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(stack, x, index, 0)
 
 
+def _partition(opt_state) -> optax.PartitionState | None:
+  """The state of :func:`config.make_optimizer`'s partition (alone or after
+  clipping); None for another optimizer's state."""
+  is_partition = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
+  found = [
+    x for x in jax.tree.leaves(opt_state, is_leaf=is_partition) if is_partition(x)
+  ]
+  return found[0] if len(found) == 1 else None
+
+
 class LayerStates:
   """The ``layers`` group's optimizer state seen one block at a time.
 
   Its leaves split into stacks (one slice per block: moments, bases) and
   shared leaves (step counts, keys), told apart by initializing the group for
   one block: a leaf whose shape differs from the whole-stack init's is stacked.
-  ``opt_state`` holds :func:`config.make_optimizer`'s partition (alone or
-  after clipping).
+  ``partition`` is the state of :func:`config.make_optimizer`'s partition.
   """
 
-  def __init__(self, cfg, passes: ScannedBackward, params, opt_state):
+  def __init__(self, cfg, passes: ScannedBackward, params, partition):
     self.tx = _group_tx(cfg, config_lib.LAYERS)
     one_block = passes.whole([x[0] for x in passes.part(params, True)])
     self.stacked = [
@@ -382,10 +391,6 @@ class LayerStates:
         jax.tree.leaves(jax.eval_shape(self.tx.init, one_block)),
         strict=True,
       )
-    ]
-    is_partition = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
-    (partition,) = [
-      x for x in jax.tree.leaves(opt_state, is_leaf=is_partition) if is_partition(x)
     ]
     leaves, self.treedef = jax.tree.flatten(partition.inner_states[config_lib.LAYERS])
     self.stacks, self.shared = _split(leaves, self.stacked)
@@ -418,7 +423,8 @@ def _energy_shapes(passes: ScannedBackward, states: LayerStates, layer_params):
 def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
   """``(loss, grads, energy)`` of a scanned model by :class:`ScannedBackward`.
 
-  With ``opt_state``, :func:`energy_by_layer_type` of each block's gradient
+  With ``opt_state`` (of :func:`config.make_optimizer`'s partition; another
+  optimizer has no energy), :func:`energy_by_layer_type` of each block's gradient
   is measured as the backward loop makes it (so before any update, which may
   then write over the gradients and the bases in place), averaged over the
   blocks; otherwise ``energy`` is empty.
@@ -426,7 +432,8 @@ def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
   passes = ScannedBackward(model, params, tokens)
   loss, dx = passes.forward()
   layer_params = passes.part(params, True)
-  states = None if opt_state is None else LayerStates(cfg, passes, params, opt_state)
+  partition = None if opt_state is None else _partition(opt_state)
+  states = None if partition is None else LayerStates(cfg, passes, params, partition)
 
   def backward(i, carry):
     dx, grads, energy = carry
@@ -523,7 +530,7 @@ def fused_step(cfg, model, optimizer, batch):
   whole, n_layers = passes.whole, passes.n_layers
   loss, dx = passes.forward()
 
-  states = LayerStates(cfg, passes, params, opt_state)
+  states = LayerStates(cfg, passes, params, opt_state)  # fused: the partition alone
   layer_params = passes.part(params, True)
 
   def layer_step(index, dx, layer_params, state_stacks):
