@@ -78,7 +78,10 @@ class SubspaceAdamState(NamedTuple):
   canonical ``(m, n)`` matrix, ``m <= n``, rank ``r``:
 
   Attributes:
-    count: ``int32`` scalar, the number of steps taken.
+    count: ``int32`` scalar, the number of steps taken. Like optax's counts it
+      saturates at ``2^31 - 1``, a prime: from there on (68 years at a step a
+      second) no basis moves, except with ``update_interval = 1``, and then
+      with the same key every step.
     key: the PRNG key the per-leaf, per-step keys are folded from, stored as
       raw ``uint32`` key data; ``None`` when none was given.
     mu: first moments: ``B + (r, n)`` for projected leaves, the parameter's
@@ -432,7 +435,8 @@ def scale_by_subspace_adam(
   and the subspace update (an SVD, a QR, a geodesic) and the moment rotation
   sit behind ``jax.lax.switch``, so steps that do not update pay nothing for
   them. Random rules get their own key per parameter, per stacked matrix and
-  per step, folded from ``key``, the parameter's index and the step count.
+  per step, folded from ``key``, the parameter's index and the step count
+  (which saturates at ``2^31 - 1``; see :class:`SubspaceAdamState`).
 
   Args:
     subspace: the subspace rule (see :mod:`grassjax.subspace`).

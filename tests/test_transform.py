@@ -622,3 +622,22 @@ def test_bad_arguments_are_refused_at_construction(make, error, match):
 def test_numpy_integers_are_accepted_for_int_arguments():
   tx = grassjax.galore(1e-2, rank=np.int64(3), update_interval=np.int32(2))
   chex.assert_shape(tx.init({"w": jnp.ones((8, 12))})[0].basis["w"], (8, 3))
+
+
+def test_count_saturates_and_the_bases_then_stay():
+  """As documented in SubspaceAdamState: the count stops at 2^31 - 1 (prime)."""
+  params = {"a": jnp.ones((8, 12))}
+  tx = grassjax.grassjump(1e-2, rank=3, key=KEY, update_interval=4)
+  update = jax.jit(tx.update)
+  _, state = update(_grads(0, params), tx.init(params))
+  inner = _subspace_state(state)
+  state = (inner._replace(count=jnp.int32(2**31 - 4)), *state[1:])
+  bases = []
+  for step in range(1, 6):
+    _, state = update(_grads(step, params), state)
+    bases.append(_subspace_state(state).basis["a"])
+  assert int(_subspace_state(state).count) == 2**31 - 1
+  # 2^31 - 4 is a multiple of 4: that step moves the basis, no later one.
+  assert not np.allclose(bases[0], inner.basis["a"])
+  for basis in bases[1:]:
+    np.testing.assert_array_equal(basis, bases[0])
