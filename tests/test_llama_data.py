@@ -118,6 +118,30 @@ def test_missing_directory_and_missing_shards_fail_early(tmp_path):
     batches(tmp_path, 0)
 
 
+def test_resume_past_malformed_lines_reads_each_document_once(tmp_path):
+  # Every shard has bad lines among its first documents, so most positions
+  # saved in the first epoch lie past one.
+  for shard in range(2):
+    texts = [record(f"shard {shard} document {i}. " * (1 + i % 3)) for i in range(8)]
+    texts[1:1] = ["{not json", json.dumps({"no_text": 1})]
+    texts.insert(5, "[1, 2]")
+    write_shard(tmp_path / f"c4-train.{shard:05d}-of-01024.json.gz", texts)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _, straight = batches(tmp_path, 30, seed=1)
+    for stop in range(1, 24):
+      first, _ = batches(tmp_path, 0, seed=1)
+      for _ in range(stop):
+        next(first)
+      resumed, _ = batches(tmp_path, 0, seed=1)
+      resumed.restore(json.loads(json.dumps(first.state())))
+      np.testing.assert_array_equal(
+        np.stack([next(resumed) for _ in range(6)]),
+        np.stack(straight[stop : stop + 6]),
+        err_msg=f"resumed after batch {stop}",
+      )
+
+
 def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(tmp_path):
   good = [record("good text here. " * 3) for _ in range(5)]
   write_shard(

@@ -138,14 +138,16 @@ class ShardProblems:
     return "; ".join(parts)
 
 
-def read_shard(path: Path, problems: ShardProblems, skip: int = 0) -> Iterator[str]:
-  """The ``"text"`` of each JSON line of a gzip'd shard, from line ``skip + 1`` on.
+def read_shard(
+  path: Path, problems: ShardProblems, skip: int = 0
+) -> Iterator[tuple[int, str]]:
+  """``(line number, "text")`` of each JSON line of a gzip'd shard after line ``skip``.
 
-  A line that is not a JSON object with a string ``"text"`` is skipped, and a
-  file that stops being readable (bad gzip data, truncation) ends there; both
-  are warned about (with the count of skipped lines) and recorded in
-  ``problems``. Lines count from 1 and include the bad ones, so ``skip``
-  positions are stable.
+  Lines count from 1 and include the bad ones, so a line number is a stable
+  position to resume after. A line that is not a JSON object with a string
+  ``"text"`` is skipped, and a file that stops being readable (bad gzip data,
+  truncation) ends there; both are warned about (with the count of skipped
+  lines) and recorded in ``problems``.
   """
   bad: list[int] = []
   line_number = 0
@@ -161,7 +163,7 @@ def read_shard(path: Path, problems: ShardProblems, skip: int = 0) -> Iterator[s
         except (ValueError, KeyError, TypeError):
           bad.append(line_number)
           continue
-        yield text
+        yield line_number, text
   except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
     why = f"unreadable after line {line_number} ({type(err).__name__}: {err})"
     problems.broken[path] = why
@@ -186,7 +188,8 @@ def local_documents(
   """``(position after the document, text)`` over the shards, from ``start``.
 
   A position is ``{"epoch", "shard", "line"}``: the epoch, the index of the
-  shard in that epoch's order, and how many of its lines were consumed.
+  shard in that epoch's order, and how many of its lines were consumed, bad
+  ones included.
 
   Raises:
     ValueError: a whole pass over the shards found no usable document.
@@ -198,10 +201,9 @@ def local_documents(
     found = False
     while shard < len(paths):
       path = paths[order[shard]]
-      for text in read_shard(path, problems, skip=line):
+      for line_number, text in read_shard(path, problems, skip=line):
         found = True
-        line += 1
-        yield {"epoch": epoch, "shard": shard, "line": line}, text
+        yield {"epoch": epoch, "shard": shard, "line": line_number}, text
       # Lines after the last good one (bad or unreadable) also count as read.
       shard, line = shard + 1, 0
     if not found and start["line"] == 0 and start["shard"] == 0:
