@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from examples.llama import data as data_lib
+from examples.llama.errors import UserError
 
 SAMPLE_DIR = Path(data_lib.__file__).parent / "data"
 BYTES = data_lib.ByteTokenizer()
@@ -112,9 +113,9 @@ def test_eval_batches_are_the_validation_split_in_order(shards):
 
 
 def test_missing_directory_and_missing_shards_fail_early(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(UserError, match="does not exist"):
     batches(tmp_path / "nope", 0)
-  with pytest.raises(FileNotFoundError, match=r"c4-train\.\*"):
+  with pytest.raises(UserError, match=r"c4-train\.\*"):
     batches(tmp_path, 0)
 
 
@@ -142,6 +143,36 @@ def test_resume_past_malformed_lines_reads_each_document_once(tmp_path):
       )
 
 
+def test_malformed_line_is_warned_about_when_met(tmp_path):
+  path = write_shard(
+    tmp_path / "c4-train.00000-of-01024.json.gz",
+    [record("first"), json.dumps({"no_text": 1}), *[record("more")] * 50],
+  )
+  problems = data_lib.ShardProblems()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lines = data_lib.read_shard(path, problems)
+    assert [next(lines), next(lines)] == [(1, "first"), (3, "more")]
+  assert [str(w.message) for w in caught] == [
+    f'{path}: line 2 is not a JSON object with a string "text" (KeyError);'
+    " skipping it and any other such line of this file."
+  ]
+  assert problems.lines == {path: [2]}
+
+
+@pytest.mark.parametrize(
+  "lines", [["oops", "{}"], []], ids=["malformed lines", "no lines"]
+)
+def test_unusable_shards_fail_when_the_iterator_is_made(tmp_path, lines):
+  write_shard(tmp_path / "c4-train.00000-of-01024.json.gz", lines)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with pytest.raises(UserError, match="00000-of-01024"):
+      data_lib.PackedBatches(
+        str(tmp_path), "train", BYTES, seq_len=15, batch_size=2, seed=0
+      )
+
+
 def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(tmp_path):
   good = [record("good text here. " * 3) for _ in range(5)]
   write_shard(
@@ -153,6 +184,7 @@ def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(tmp_pat
     warnings.simplefilter("always")
     _, out = batches(tmp_path, 12)  # more than one pass over the data
   messages = " ".join(str(w.message) for w in caught)
+  assert "line 2 is not a JSON object" in messages
   assert "skipped 2 malformed line(s) (first at line 2)" in messages
   assert "c4-train.00001-of-01024.json.gz" in messages and "unreadable" in messages
   text = BYTES.decode(np.concatenate([b.reshape(-1) for b in out]))
@@ -163,7 +195,7 @@ def test_shards_with_nothing_usable_fail_naming_file_and_line(tmp_path):
   write_shard(tmp_path / "c4-train.00000-of-01024.json.gz", ["oops", "{}"])
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    with pytest.raises(ValueError, match=r"00000-of-01024.*first at line 1"):
+    with pytest.raises(UserError, match=r"00000-of-01024.*first at line 1"):
       batches(tmp_path, 1)
 
 
@@ -181,7 +213,10 @@ def test_shipped_sample_is_small_c4_format_text():
   )
 
 
-def test_hub_tokenizer_failure_is_explained(monkeypatch):
+def test_missing_hub_packages_are_explained_before_any_batch(monkeypatch):
   monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-  with pytest.raises(ValueError, match="--tokenizer byte"):
+  monkeypatch.setitem(sys.modules, "datasets", None)
+  with pytest.raises(UserError, match="--tokenizer byte"):
     data_lib.load_tokenizer("t5-base")
+  with pytest.raises(UserError, match="datasets package"):
+    data_lib.PackedBatches("hf", "train", BYTES, seq_len=15, batch_size=2, seed=0)

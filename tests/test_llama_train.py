@@ -8,6 +8,7 @@ fully-sharded runs over 4 host devices equal the one-device run.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import jax
@@ -30,6 +32,7 @@ from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import sharding as sharding_lib
 from examples.llama import train as train_lib
+from examples.llama.errors import UserError
 
 ROOT = Path(__file__).absolute().parents[1]
 
@@ -63,6 +66,10 @@ def small_run(tmp_path: Path, **overrides) -> config_lib.TrainConfig:
 
 def losses(result: train_lib.RunResult) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in result.records if "loss" in r}
+
+
+def no_training_step(*args, **kwargs):
+  pytest.fail("the training step was built")
 
 
 def test_every_optimizer_learns_and_compare_writes_its_report(tmp_path):
@@ -105,7 +112,7 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(tmp_path
   assert resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
 
   # Without --resume, a directory holding checkpoints is not reused.
-  with pytest.raises(FileExistsError, match="--resume"):
+  with pytest.raises(UserError, match="--resume"):
     train_lib.train(cfg, model_config=small_model(), progress=False)
 
   # Another configuration is refused, naming the fields, and nothing is touched.
@@ -129,9 +136,71 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(tmp_path
   assert sorted(p.name for p in ckpt.iterdir()) == steps
 
 
+@pytest.mark.parametrize(
+  "flag, where",
+  [
+    ("checkpoint_dir", "file"),
+    ("checkpoint_dir", "file/ckpt"),
+    ("out_dir", "file"),
+    ("out_dir", "file/out"),
+  ],
+)
+def test_unusable_output_paths_fail_before_the_first_step(
+  tmp_path, monkeypatch, flag, where
+):
+  (tmp_path / "file").write_text("not a directory")
+  cfg = small_run(tmp_path, **{flag: str(tmp_path / where)})
+  monkeypatch.setattr(train_lib, "make_train_step", no_training_step)
+  with pytest.raises(UserError, match=f"{tmp_path / 'file'} is a file"):
+    train_lib.train(cfg, model_config=small_model(), progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+  assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
+  tmp_path, monkeypatch, capsys
+):
+  bad_shards = tmp_path / "bad"
+  bad_shards.mkdir()
+  for split in ("train", "validation"):
+    with gzip.open(bad_shards / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+      f.write('{"url": "no text"}\n')
+  (tmp_path / "file").write_text("")
+  monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+  monkeypatch.setitem(sys.modules, "datasets", None)
+  monkeypatch.setattr(train_lib, "make_train_step", no_training_step)
+  small = ["--steps", "2", "--warmup", "0", "--batch-size", "2", "--seq-len", "32"]
+  out = ["--out-dir", str(tmp_path / "out")]
+  for argv, message in (
+    (["--rank", "1000", *out], "--rank 1000 exceeds 128"),
+    (["--rank", "1000", "--dry-run"], "--rank 1000 exceeds 128"),
+    (["--data-dir", str(bad_shards), *out], "no usable document"),
+    (["--data-dir", str(tmp_path / "missing"), *out], "does not exist"),
+    (["--data-dir", "hf", *out], "datasets package"),
+    (["--tokenizer", "t5-base", *out], "--tokenizer byte"),
+    (["--out-dir", str(tmp_path / "file")], "is a file"),
+    (["--checkpoint-dir", str(tmp_path / "file"), *out], "is a file"),
+  ):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      with pytest.raises(SystemExit) as exit:
+        train_lib.main([*small, *argv])
+    error = str(exit.value.code)
+    assert error.startswith("python -m examples.llama.train: error: "), argv
+    assert message in error and "\n" not in error, (argv, error)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "file"]
+
+  def bug(cfg):
+    raise ValueError("a bug")
+
+  monkeypatch.setattr(train_lib, "train", bug)
+  with pytest.raises(ValueError, match="a bug"):
+    train_lib.main(small)
+
+
 def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
   cfg = small_run(tmp_path, data_dir=str(tmp_path / "missing"))
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(UserError):
     train_lib.train(cfg, model_config=small_model(), progress=False)
   with pytest.raises(SystemExit, match=r"error: data directory .* does not exist"):
     train_lib.main(["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir])

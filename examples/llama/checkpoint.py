@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from examples.llama.errors import UserError, check_writable_directory
+
 # Flags that may change between a run and its resumption: where things are
 # written or read, how often, and how the work is laid out on devices.
 # ``mesh`` and ``remat`` change the order of floating-point operations, so a
@@ -51,7 +53,7 @@ RESUMABLE_FIELDS = frozenset(
 MAX_TO_KEEP = 3
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
   """The checkpoint to resume was made with a different configuration."""
 
 
@@ -108,13 +110,13 @@ class Checkpointer:
   Opening it checks the directory against the run: a directory that already
   holds checkpoints is only used with ``resume=True``, and then only if its
   latest checkpoint was made with the same configuration. Both checks happen
-  before anything is written.
+  before anything is written; the directory is created by the first save.
   """
 
   def __init__(
     self, directory: str, config: dict[str, dict[str, Any]], *, resume: bool
   ):
-    """Opens ``directory`` (creating it) for the run described by ``config``.
+    """Opens ``directory`` for the run described by ``config``.
 
     Args:
       directory: the checkpoint directory.
@@ -122,18 +124,21 @@ class Checkpointer:
       resume: whether the run continues from the latest checkpoint.
 
     Raises:
-      FileExistsError: the directory holds checkpoints and ``resume`` is False.
+      UserError: ``directory`` cannot be a writable directory, or it holds
+        checkpoints and ``resume`` is False.
       ConfigMismatchError: the latest checkpoint's configuration differs.
     """
+    check_writable_directory(directory, "--checkpoint-dir")
     self.directory = Path(directory).resolve()
     self.config = json.loads(json.dumps(config))
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=False),
     )
     latest = self.manager.latest_step()
     if latest is not None and not resume:
-      raise FileExistsError(
+      self.manager.close()
+      raise UserError(
         f"{directory} already holds checkpoints (latest: step {latest}). Pass"
         " --resume to continue that run, or choose another --checkpoint-dir."
       )
@@ -143,6 +148,7 @@ class Checkpointer:
       ).config
       differences = config_differences(saved, self.config)
       if differences:
+        self.manager.close()
         raise ConfigMismatchError(
           f"cannot resume from {directory} (step {latest}): it was made with a"
           " different configuration:\n  "

@@ -19,9 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import grassjax
 from examples.llama import model as model_lib
+from examples.llama.errors import UserError
 
 DEFAULT_DATA_DIR = str(Path(__file__).absolute().parent / "data")
 OPTIMIZERS = ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
@@ -306,6 +308,35 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
     scan_layers=cfg.scan_layers,
     remat=cfg.remat,
   )
+
+
+def check_rank(cfg: TrainConfig, model: model_lib.LlamaConfig) -> None:
+  """Checks ``--rank`` against the projected kernels of ``model``.
+
+  Raises:
+    UserError: a low-rank optimizer's rank exceeds the smaller side of a
+      projected kernel (the optimizer would refuse it inside the model's
+      initialization).
+  """
+  if cfg.optimizer == "adamw":
+    return
+  params = nnx.state(
+    nnx.eval_shape(lambda: model_lib.Llama(model, rngs=nnx.Rngs(0))), nnx.Param
+  )
+  smallest = min(
+    min(x.shape[-2:])
+    for x, projected in zip(
+      jax.tree.leaves(params),
+      jax.tree.leaves(model_lib.low_rank_mask(params)),
+      strict=True,
+    )
+    if projected
+  )
+  if cfg.rank > smallest:
+    raise UserError(
+      f"--rank {cfg.rank} exceeds {smallest}, the smaller side of the smallest"
+      f" projected kernel of --model {cfg.model}: use --rank {smallest} or less."
+    )
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:

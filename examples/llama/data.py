@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from examples.llama.errors import UserError
+
 HUB_DATASET = ("allenai/c4", "en")
 
 
@@ -67,14 +69,14 @@ class HubTokenizer:
     try:
       from transformers import AutoTokenizer
     except ImportError as err:
-      raise ValueError(
+      raise UserError(
         f"tokenizer {name!r} needs the transformers package (pip install -e"
         ' ".[hub]"); use --tokenizer byte to train offline.'
       ) from err
     try:
       self._tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # network, unknown name, missing sentencepiece, ...
-      raise ValueError(
+      raise UserError(
         f"could not load tokenizer {name!r} ({type(err).__name__}: {err}); use"
         " --tokenizer byte to train offline."
       ) from err
@@ -92,7 +94,7 @@ def load_tokenizer(name: str) -> Tokenizer:
   The papers used ``t5-base``.
 
   Raises:
-    ValueError: the tokenizer cannot be loaded (no transformers, no network,
+    UserError: the tokenizer cannot be loaded (no transformers, no network,
       unknown name), with the cause.
   """
   return ByteTokenizer() if name == "byte" else HubTokenizer(name)
@@ -107,18 +109,18 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
   """The sorted ``c4-<split>.*-of-*.json.gz`` shards of ``data_dir``.
 
   Raises:
-    FileNotFoundError: the directory does not exist or has no such shard.
+    UserError: the directory does not exist or has no such shard.
   """
   directory = Path(data_dir)
   if not directory.is_dir():
-    raise FileNotFoundError(
+    raise UserError(
       f"data directory {directory} does not exist; --data-dir takes a directory"
       " of C4 shards (c4-train.00000-of-01024.json.gz, ...) or 'hf'."
     )
   pattern = f"c4-{split}.*-of-*.json.gz"
   paths = sorted(directory.glob(pattern))
   if not paths:
-    raise FileNotFoundError(f"no {pattern} shards in {directory}.")
+    raise UserError(f"no {pattern} shards in {directory}.")
   return paths
 
 
@@ -145,9 +147,10 @@ def read_shard(
 
   Lines count from 1 and include the bad ones, so a line number is a stable
   position to resume after. A line that is not a JSON object with a string
-  ``"text"`` is skipped, and a file that stops being readable (bad gzip data,
-  truncation) ends there; both are warned about (with the count of skipped
-  lines) and recorded in ``problems``.
+  ``"text"`` is skipped, warned about when the first one of the file is met,
+  and counted at the end of the file; a file that stops being readable (bad
+  gzip data, truncation) ends there, with a warning. Both are recorded in
+  ``problems``.
   """
   bad: list[int] = []
   line_number = 0
@@ -160,16 +163,23 @@ def read_shard(
           text = json.loads(line)["text"]
           if not isinstance(text, str):
             raise TypeError("text is not a string")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as err:
           bad.append(line_number)
+          if len(bad) == 1:
+            problems.lines[path] = bad  # the same list, filled as the file is read
+            warnings.warn(
+              f"{path}: line {line_number} is not a JSON object with a string"
+              f' "text" ({type(err).__name__}); skipping it and any other such'
+              " line of this file.",
+              stacklevel=2,
+            )
           continue
         yield line_number, text
   except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
     why = f"unreadable after line {line_number} ({type(err).__name__}: {err})"
     problems.broken[path] = why
     warnings.warn(f"{path}: {why}; the rest of the file is skipped.", stacklevel=2)
-  if bad:
-    problems.lines[path] = bad
+  if len(bad) > 1:
     warnings.warn(
       f"{path}: skipped {len(bad)} malformed line(s) (first at line {bad[0]}).",
       stacklevel=2,
@@ -192,7 +202,7 @@ def local_documents(
   ones included.
 
   Raises:
-    ValueError: a whole pass over the shards found no usable document.
+    UserError: a whole pass over the shards found no usable document.
   """
   epoch, shard, line = start["epoch"], start["shard"], start["line"]
   problems = ShardProblems()
@@ -207,7 +217,7 @@ def local_documents(
       # Lines after the last good one (bad or unreadable) also count as read.
       shard, line = shard + 1, 0
     if not found and start["line"] == 0 and start["shard"] == 0:
-      raise ValueError(
+      raise UserError(
         f"no usable document in {len(paths)} shard(s): {problems.describe()}"
         if problems.lines or problems.broken
         else f"the shards {', '.join(map(str, paths))} hold no documents."
@@ -217,20 +227,36 @@ def local_documents(
     epoch, shard, line, start = epoch + 1, 0, 0, {"shard": 0, "line": 0}
 
 
+def open_hub_stream(split: str):
+  """The ``split`` of ``allenai/c4`` as a streaming ``datasets`` dataset.
+
+  Raises:
+    UserError: ``datasets`` is not installed, or the stream cannot be opened
+      (network, hub), with the cause.
+  """
+  try:
+    import datasets
+  except ImportError as err:
+    raise UserError(
+      "--data-dir hf streams C4 with the datasets package: pip install -e"
+      ' ".[hub]" (or point --data-dir at downloaded shards).'
+    ) from err
+  try:
+    return datasets.load_dataset(*HUB_DATASET, split=split, streaming=True)
+  except Exception as err:  # network, hub, authentication, ...
+    raise UserError(
+      f"could not stream {'/'.join(HUB_DATASET)} ({type(err).__name__}: {err});"
+      " point --data-dir at downloaded shards to train offline."
+    ) from err
+
+
 def hub_documents(
   split: str, seed: int, shuffle: bool, start: dict[str, int], repeat: bool
 ) -> Iterator[tuple[dict[str, int], str]]:
   """``allenai/c4`` streamed with ``datasets``; the position counts documents."""
-  try:
-    import datasets
-  except ImportError as err:
-    raise ValueError(
-      "--data-dir hf streams C4 with the datasets package: pip install -e"
-      ' ".[hub]" (or point --data-dir at downloaded shards).'
-    ) from err
   epoch, line = start["epoch"], start["line"]
   while True:
-    stream = datasets.load_dataset(*HUB_DATASET, split=split, streaming=True)
+    stream = open_hub_stream(split)
     if shuffle:
       stream = stream.shuffle(seed=seed + epoch, buffer_size=10_000)
     for record in stream.skip(line):
@@ -246,6 +272,23 @@ def documents(data_dir: str, split: str, seed: int, shuffle: bool, start, repeat
   if data_dir == "hf":
     return hub_documents(split, seed, shuffle, start, repeat)
   return local_documents(shard_paths(data_dir, split), seed, shuffle, start, repeat)
+
+
+def check_split(data_dir: str, split: str) -> None:
+  """Fails now, not at the first batch, if ``split`` of ``data_dir`` is unusable.
+
+  Reads the local shards up to their first usable document; opens the hub's
+  stream.
+
+  Raises:
+    UserError: no such directory, no shard of ``split``, no usable document
+      in them, or the hub's stream cannot be opened.
+  """
+  if data_dir == "hf":
+    open_hub_stream(split)
+    return
+  start = {"epoch": 0, "shard": 0, "line": 0}
+  next(local_documents(shard_paths(data_dir, split), 0, False, start, repeat=False))
 
 
 # ----------------------------------------------------------------------------
@@ -273,11 +316,10 @@ class PackedBatches:
     """Opens the ``split`` of ``data_dir``.
 
     Raises:
-      FileNotFoundError: no such directory, or no shards of ``split`` in it
-        (checked here, before any training starts).
+      UserError: ``split`` of ``data_dir`` is unusable (:func:`check_split`,
+        here, before any training starts).
     """
-    if data_dir != "hf":
-      shard_paths(data_dir, split)
+    check_split(data_dir, split)
     self.data_dir, self.split, self.tokenizer = data_dir, split, tokenizer
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
     self._start({"epoch": 0, "shard": 0, "line": 0}, [])
@@ -342,8 +384,7 @@ def eval_batches(
   Fewer (possibly none) if the validation split runs out first.
 
   Raises:
-    FileNotFoundError: no such directory or no validation shards.
-    ValueError: no usable validation document.
+    UserError: no such directory, no validation shard or no usable document.
   """
   needed = batch_size * (seq_len + 1)
   start = {"epoch": 0, "shard": 0, "line": 0}

@@ -41,6 +41,7 @@ from examples.llama import config as config_lib
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import sharding as sharding_lib
+from examples.llama.errors import UserError, check_writable_directory
 from examples.llama.step import (
   GraphDefs,
   TrainState,
@@ -292,12 +293,11 @@ def train(
     The summary (also written to ``summary.json``) and the metrics records.
 
   Raises:
-    FileNotFoundError: the data directory does not exist.
-    FileExistsError: the checkpoint directory holds checkpoints, without
-      ``cfg.resume``.
-    checkpoint.ConfigMismatchError: the checkpoint to resume has another
-      configuration.
-    ValueError: the batch does not split over the devices.
+    UserError: bad input, found before the first step: a path that cannot be
+      written, unusable data, a rank the model's kernels cannot take, a batch
+      that does not split over the devices, checkpoints without
+      ``cfg.resume``, or a checkpoint of another configuration
+      (``checkpoint.ConfigMismatchError``).
   """
   started = time.perf_counter()
   main_process = jax.process_index() == 0
@@ -306,12 +306,16 @@ def train(
     if main_process:
       tqdm.write(message)
 
+  out_dir = Path(cfg.out_dir)
+  if main_process:
+    check_writable_directory(out_dir, "--out-dir")
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
   if model_config is None:
     model_config = config_lib.model_config(cfg, cfg.vocab_size or tokenizer.vocab_size)
+  config_lib.check_rank(cfg, model_config)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   if cfg.micro_batch_size % mesh.size:
-    raise ValueError(
+    raise UserError(
       f"the micro-batch of {cfg.micro_batch_size} sequences (--batch-size"
       f" {cfg.batch_size} / --grad-accum {cfg.grad_accum}) does not split over"
       f" {mesh.size} devices."
@@ -332,7 +336,7 @@ def train(
     max_batches=cfg.eval_batches,
   )
   if not eval_data:
-    raise ValueError(
+    raise UserError(
       f"the validation data in {cfg.data_dir} holds no batch of"
       f" {cfg.micro_batch_size} x {cfg.seq_len + 1} tokens."
     )
@@ -365,7 +369,6 @@ def train(
   eval_data = [sharding_lib.put(batch, eval_batch) for batch in eval_data]
   schedule = config_lib.learning_rate_schedule(cfg)
 
-  out_dir = Path(cfg.out_dir)
   metrics = MetricsLog(out_dir, start, enabled=main_process)
   throughput = Throughput(cfg.batch_size * cfg.seq_len)
   bar = tqdm(
@@ -549,9 +552,11 @@ def format_memory(memory: dict[str, int], devices: int) -> str:
 def dry_run(cfg: config_lib.TrainConfig) -> dict[str, int]:
   """``--dry-run``: the step's memory for ``cfg``, printed; returns the figures."""
   vocab_size = cfg.vocab_size or data_lib.load_tokenizer(cfg.tokenizer).vocab_size
-  memory = step_memory(cfg, config_lib.model_config(cfg, vocab_size))
+  model_config = config_lib.model_config(cfg, vocab_size)
+  config_lib.check_rank(cfg, model_config)
+  memory = step_memory(cfg, model_config)
   if jax.process_index() == 0:
-    n_params = model_lib.param_count(config_lib.model_config(cfg, vocab_size))
+    n_params = model_lib.param_count(model_config)
     print(
       f"{cfg.model} ({n_params:,} parameters), {cfg.optimizer}, batch"
       f" {cfg.batch_size} x {cfg.seq_len}, on {jax.devices()[0].platform}"
@@ -565,16 +570,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   cfg = config_lib.parse_args(argv)
   if cfg.distributed:
     jax.distributed.initialize()
-  if cfg.dry_run:
-    dry_run(cfg)
-    return
   try:
+    if cfg.dry_run:
+      dry_run(cfg)
+      return
     result = train(cfg)
-  except (
-    FileNotFoundError,
-    FileExistsError,
-    checkpoint_lib.ConfigMismatchError,
-  ) as err:  # bad input: say what is wrong, without a traceback
+  except UserError as err:  # bad input: say what is wrong, without a traceback
     raise SystemExit(f"python -m examples.llama.train: error: {err}") from None
   if jax.process_index() == 0:
     print(format_summary(result.summary))
