@@ -1,8 +1,9 @@
 """The LLaMA example's trainer, on a model shrunk far below ``tiny``.
 
 Every optimizer learns, a resumed run repeats an uninterrupted one bit for
-bit, bad input fails before anything is written, and data-parallel and
-fully-sharded runs over 4 host devices equal the one-device run.
+bit, bad input fails in one
+line before anything is written, and data-parallel and fully-sharded runs
+over 4 host devices equal the one-device run.
 """
 
 from __future__ import annotations
@@ -68,6 +69,22 @@ def losses(result: train_lib.RunResult) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in result.records if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, train_lib.RunResult]:
+  """A GrassWalk run with checkpoints at steps 3 and 6: its directory and result."""
+  run_dir = tmp_path_factory.mktemp("finished")
+  cfg = small_run(run_dir, checkpoint_dir=str(run_dir / "ckpt"), checkpoint_every=3)
+  return run_dir, train_lib.train(cfg, model_config=small_model(), progress=False)
+
+
+def copy_of(finished, tmp_path: Path, **overrides) -> config_lib.TrainConfig:
+  """The finished run's configuration, on a copy of its outputs and checkpoints."""
+  shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+  return small_run(
+    tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3, **overrides
+  )
+
+
 def no_training_step(*args, **kwargs):
   pytest.fail("the training step was built")
 
@@ -97,12 +114,12 @@ def test_every_optimizer_learns_and_compare_writes_its_report(tmp_path):
   assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
 
-def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(tmp_path):
+def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(
+  finished, tmp_path
+):
+  straight = finished[1]
+  cfg = copy_of(finished, tmp_path)
   ckpt = tmp_path / "ckpt"
-  cfg = small_run(
-    tmp_path, optimizer="grasswalk", checkpoint_dir=str(ckpt), checkpoint_every=3
-  )
-  straight = train_lib.train(cfg, model_config=small_model(), progress=False)
   # A run stopped after step 3 leaves the step-3 checkpoint as the latest.
   shutil.rmtree(ckpt / "6")
   resumed = train_lib.train(
@@ -134,6 +151,57 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(tmp_path
     )
   assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics
   assert sorted(p.name for p in ckpt.iterdir()) == steps
+
+
+def test_resume_from_the_final_checkpoint_evaluates_into_any_out_dir(
+  finished, tmp_path
+):
+  straight = finished[1]
+  cfg = copy_of(finished, tmp_path, resume=True)
+  same = train_lib.train(cfg, model_config=small_model(), progress=False)
+  assert same.summary["final_train_loss"] == straight.summary["final_train_loss"]
+  assert same.records == straight.records
+
+  fresh = tmp_path / "fresh"
+  new = train_lib.train(
+    dataclasses.replace(cfg, out_dir=str(fresh)),
+    model_config=small_model(),
+    progress=False,
+  )
+  for summary in (same.summary, new.summary):
+    assert summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  # No step was trained: the new directory has a summary and no loss of its own.
+  assert new.summary["final_train_loss"] is None and not new.records
+  assert json.loads((fresh / "summary.json").read_text()) == new.summary
+  assert sorted(p.name for p in fresh.iterdir()) == ["summary.json"]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_earlier_outputs(
+  finished, tmp_path, monkeypatch, capsys
+):
+  cfg = small_run(tmp_path, steps=2, eval_every=2)
+  shutil.copytree(finished[0] / "out", tmp_path / "out")
+  earlier = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+  def failing_step(*args, **kwargs):
+    def step(state, tokens):
+      raise RuntimeError("device lost")
+
+    return step
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train_lib, "make_train_step", failing_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+      train_lib.train(cfg, model_config=small_model(), progress=False)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == earlier
+
+  # A run that starts replaces them, and says so.
+  result = train_lib.train(cfg, model_config=small_model(), progress=False)
+  assert "replacing an earlier run's metrics.jsonl, summary.json, loss.png" in (
+    capsys.readouterr().out
+  )
+  lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in lines] == result.records
 
 
 @pytest.mark.parametrize(

@@ -118,37 +118,53 @@ def tree_bytes(tree) -> int:
   )
 
 
+# The files a run writes to ``--out-dir`` (besides TensorBoard's).
+OUTPUTS = ("metrics.jsonl", "summary.json", "loss.png")
+
+
 class MetricsLog:
   """``metrics.jsonl`` (and TensorBoard events): one JSON record per line.
 
   On a resumed run the records up to the restored step are kept and the rest
   dropped, so the file describes one run however often it was resumed.
+  Nothing is written until the first record, so a run that fails before its
+  first step leaves the directory as it found it.
   """
 
   def __init__(self, out_dir: Path, start_step: int, enabled: bool):
-    """Opens ``out_dir/metrics.jsonl`` keeping the records up to ``start_step``.
+    """Reads ``out_dir/metrics.jsonl``, keeping the records up to ``start_step``.
 
     Args:
-      out_dir: the output directory (created).
+      out_dir: the output directory (created by the first record).
       start_step: the step the run starts from (0, or the restored step).
       enabled: write files (False on all processes but the first).
     """
-    path = out_dir / "metrics.jsonl"
+    self.out_dir, self.start_step, self.enabled = out_dir, start_step, enabled
+    self.path = out_dir / "metrics.jsonl"
     self.records: list[dict[str, Any]] = []
-    if start_step and path.exists():
-      with path.open() as f:
+    if start_step and self.path.exists():
+      with self.path.open() as f:
         self.records = [r for r in map(json.loads, f) if r["step"] <= start_step]
     self._file = None
     self._tensorboard = None
-    if enabled:
-      out_dir.mkdir(parents=True, exist_ok=True)
-      path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-      self._file = path.open("a")
-      if tensorboardX is not None:
-        self._tensorboard = tensorboardX.SummaryWriter(str(out_dir))
+
+  def _open(self) -> None:
+    """Replaces the files of an earlier run, or of the steps after ``start_step``."""
+    earlier = [name for name in OUTPUTS if (self.out_dir / name).exists()]
+    if earlier and not self.start_step:
+      tqdm.write(f"{self.out_dir}: replacing an earlier run's {', '.join(earlier)}")
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS[1:]:  # they describe a run that reached its end
+      (self.out_dir / name).unlink(missing_ok=True)
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+    self._file = self.path.open("a")
+    if tensorboardX is not None:
+      self._tensorboard = tensorboardX.SummaryWriter(str(self.out_dir))
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends ``record`` (it must have a ``step``)."""
+    if self.enabled and self._file is None:
+      self._open()
     self.records.append(record)
     if self._file is not None:
       self._file.write(json.dumps(record) + "\n")
@@ -414,6 +430,9 @@ def train(
     checkpoints.close()
   metrics.close()
 
+  # Resumed from the final checkpoint into a new --out-dir, the run has no
+  # training loss of its own.
+  last_train = next((r for r in reversed(metrics.records) if "loss" in r), {})
   params = nnx.state(nnx.merge(graphdefs.model, abstract_state.model), nnx.Param)
   optimizer_bytes = tree_bytes(jax.eval_shape(tx.init, params))
   adamw_bytes = tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
@@ -424,13 +443,9 @@ def train(
     "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
     "devices": mesh.size,
     "param_count": model_lib.param_count(model_config),
-    "final_train_loss": next(
-      r["loss"] for r in reversed(metrics.records) if "loss" in r
-    ),
+    "final_train_loss": last_train.get("loss"),
     "final_energy_fraction": {
-      k: v
-      for k, v in next(r for r in reversed(metrics.records) if "loss" in r).items()
-      if k.startswith("energy_")
+      k: v for k, v in last_train.items() if k.startswith("energy_")
     },
     "final_eval_loss": final_eval["eval_loss"],
     "final_eval_ppl": final_eval["eval_ppl"],
@@ -442,8 +457,12 @@ def train(
     "config": dataclasses.asdict(cfg),
   }
   if main_process:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_losses(metrics.records, out_dir / "loss.png", f"{cfg.model} / {cfg.optimizer}")
+    if metrics.records:
+      plot_losses(
+        metrics.records, out_dir / "loss.png", f"{cfg.model} / {cfg.optimizer}"
+      )
   return RunResult(summary, metrics.records)
 
 
