@@ -11,13 +11,15 @@ changed.
 A checkpoint is only resumed by a run with the same configuration; fields
 that change the result (model, optimizer, rank, batch, sequence length,
 schedule, seed, ...) must match, and a mismatch is reported, field by field,
-before anything is written.
+before anything is written. A damaged checkpoint (a file missing or
+unreadable) is passed over for the one before it, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +110,10 @@ class Checkpointer:
   """Saves and restores a run's checkpoints in one directory.
 
   Opening it checks the directory against the run: a directory that already
-  holds checkpoints is only used with ``resume=True``, and then only if its
-  latest checkpoint was made with the same configuration. Both checks happen
-  before anything is written; the directory is created by the first save.
+  holds checkpoints is only used with ``resume=True``, and then only if the
+  checkpoint resumed was made with the same configuration. Both checks
+  happen before anything is written; the directory is created by the first
+  save.
   """
 
   def __init__(
@@ -126,7 +129,6 @@ class Checkpointer:
     Raises:
       UserError: ``directory`` cannot be a writable directory, or it holds
         checkpoints and ``resume`` is False.
-      ConfigMismatchError: the latest checkpoint's configuration differs.
     """
     check_writable_directory(directory, "--checkpoint-dir")
     self.directory = Path(directory).resolve()
@@ -135,6 +137,9 @@ class Checkpointer:
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=False),
     )
+    # Steps found damaged on restoring, deleted by the first save: orbax saves
+    # no step at or below its latest one, and keeps the latest ones.
+    self._damaged: list[int] = []
     latest = self.manager.latest_step()
     if latest is not None and not resume:
       self.manager.close()
@@ -142,23 +147,86 @@ class Checkpointer:
         f"{directory} already holds checkpoints (latest: step {latest}). Pass"
         " --resume to continue that run, or choose another --checkpoint-dir."
       )
-    if latest is not None:
-      saved = self.manager.restore(
-        latest, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-      ).config
+
+  def restore_latest(
+    self, abstract_state, shardings
+  ) -> tuple[int, Any, dict[str, Any]] | None:
+    """The latest readable checkpoint: its step, training state and data position.
+
+    A checkpoint that cannot be read is passed over for the one before it,
+    with a warning.
+
+    Args:
+      abstract_state: the state's pytree of ``jax.ShapeDtypeStruct``.
+      shardings: where each array goes (the run's mesh may differ from the
+        one that saved it).
+
+    Returns:
+      ``(step, state, data_state)``, the state of the same type as
+      ``abstract_state``; ``None`` when the directory holds no checkpoint.
+
+    Raises:
+      ConfigMismatchError: the checkpoint was made with another configuration.
+      UserError: no checkpoint can be read; the message names the latest.
+        Either closes the checkpointer first.
+    """
+    try:
+      return self._restore_latest(abstract_state, shardings)
+    except UserError:
+      self.close()
+      raise
+
+  def _restore_latest(self, abstract_state, shardings):
+    target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state,
+      shardings,
+    )
+    damaged: dict[int, Exception] = {}
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        saved = self._read(step, config=ocp.args.JsonRestore()).config
+      except Exception as err:  # orbax and tensorstore raise many types
+        damaged[step] = err
+        continue
       differences = config_differences(saved, self.config)
       if differences:
-        self.manager.close()
         raise ConfigMismatchError(
-          f"cannot resume from {directory} (step {latest}): it was made with a"
+          f"cannot resume from {self.directory} (step {step}): it was made with a"
           " different configuration:\n  "
           + "\n  ".join(differences)
           + "\nResume with the same settings, or choose another --checkpoint-dir."
         )
+      try:
+        restored = self._read(
+          step,
+          model=ocp.args.StandardRestore(target.model),
+          optimizer=ocp.args.StandardRestore(target.optimizer),
+          data=ocp.args.JsonRestore(),
+        )
+      except Exception as err:  # the configuration matched: the files are bad
+        damaged[step] = err
+        continue
+      for bad, err in damaged.items():
+        warnings.warn(
+          f"checkpoint step {bad} in {self.directory} is damaged"
+          f" ({_first_line(err)}); resuming from step {step}. Step {bad} is"
+          " deleted at the first save.",
+          stacklevel=2,
+        )
+      self._damaged = list(damaged)
+      state = type(abstract_state)(model=restored.model, optimizer=restored.optimizer)
+      return step, state, restored.data
+    if not damaged:
+      return None
+    latest, err = next(iter(damaged.items()))
+    raise UserError(
+      f"cannot resume from {self.directory}: checkpoint step {latest} is damaged"
+      f" ({_first_line(err)}), and no earlier one is readable."
+    ) from err
 
-  def latest_step(self) -> int | None:
-    """The step of the latest checkpoint, ``None`` if there is none."""
-    return self.manager.latest_step()
+  def _read(self, step: int, **items):
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def save(self, step: int, state, data_state: dict[str, Any]) -> None:
     """Starts saving ``state`` (a ``TrainState``) and the data position at ``step``.
@@ -166,6 +234,9 @@ class Checkpointer:
     The arrays are copied off the devices before this returns, so the state
     can be donated to the next step; the files are written in the background.
     """
+    for damaged in self._damaged:
+      self.manager.delete(damaged)
+    self._damaged = []
     self.manager.save(
       step,
       args=ocp.args.Composite(
@@ -176,35 +247,16 @@ class Checkpointer:
       ),
     )
 
-  def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict[str, Any]]:
-    """The training state and data position saved at ``step``.
-
-    Args:
-      step: a saved step.
-      abstract_state: the state's pytree of ``jax.ShapeDtypeStruct``.
-      shardings: where each array goes (the run's mesh may differ from the
-        one that saved it).
-
-    Returns:
-      ``(state, data_state)``, the state of the same type as ``abstract_state``.
-    """
-    target = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state,
-      shardings,
-    )
-    restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target.model),
-        optimizer=ocp.args.StandardRestore(target.optimizer),
-        data=ocp.args.JsonRestore(),
-      ),
-    )
-    state = type(abstract_state)(model=restored.model, optimizer=restored.optimizer)
-    return state, restored.data
-
   def close(self) -> None:
     """Waits for the last save to be written."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(err: Exception, limit: int = 160) -> str:
+  """``"Type: message"``, its first line cut to ``limit`` characters, for one-line reports."""
+  lines = str(err).strip().splitlines()
+  first = lines[0] if lines else ""
+  if len(first) > limit:
+    first = first[:limit] + "..."
+  return f"{type(err).__name__}: {first}" if first else type(err).__name__

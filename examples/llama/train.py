@@ -312,8 +312,8 @@ def train(
     UserError: bad input, found before the first step: a path that cannot be
       written, unusable data, a rank the model's kernels cannot take, a batch
       that does not split over the devices, checkpoints without
-      ``cfg.resume``, or a checkpoint of another configuration
-      (``checkpoint.ConfigMismatchError``).
+      ``cfg.resume``, a checkpoint of another configuration
+      (``checkpoint.ConfigMismatchError``) or none readable.
   """
   started = time.perf_counter()
   main_process = jax.process_index() == 0
@@ -368,9 +368,12 @@ def train(
 
   graphdefs, abstract_state = abstract_train_state(model_config, tx, cfg.seed)
   shardings = sharding_lib.state_shardings(abstract_state, mesh, cfg.mesh)
-  start = 0 if checkpoints is None else checkpoints.latest_step() or 0
-  if start:
-    state, data_state = checkpoints.restore(start, abstract_state, shardings)
+  restored = None
+  if checkpoints is not None:
+    restored = checkpoints.restore_latest(abstract_state, shardings)
+  start = 0
+  if restored is not None:
+    start, state, data_state = restored
     batches.restore(data_state)
     announce(f"resumed from {cfg.checkpoint_dir} at step {start}")
   else:
