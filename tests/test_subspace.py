@@ -121,16 +121,23 @@ def test_tracking_step_lowers_projection_error(seed, shape):
   "rule", [subspace.random_walk(0.3), subspace.random_jump()], ids=lambda r: r.name
 )
 def test_random_rules_depend_on_key_only(rule):
+  """Updates are a function of the basis and key alone, not of the gradient."""
   m, r = 10, 3
-  grad = jnp.asarray(np.random.default_rng(0).standard_normal((m, 14)), jnp.float32)
+  rng = np.random.default_rng(0)
+  grad, other = (
+    jnp.asarray(rng.standard_normal((m, 14)), jnp.float32) for _ in range(2)
+  )
   init = jax.jit(rule.init, static_argnums=1)
   update = jax.jit(rule.update)
   basis = init(grad, r, jax.random.key(1))
   np.testing.assert_array_equal(basis, init(grad, r, jax.random.key(1)))
   moved = update(basis, grad, jax.random.key(2))
-  np.testing.assert_array_equal(moved, update(basis, grad, jax.random.key(2)))
+  np.testing.assert_array_equal(moved, update(basis, other, jax.random.key(2)))
   assert not np.allclose(moved, update(basis, grad, jax.random.key(3)))
   assert _orthonormality_error(moved) < 1e-5
+  if rule.name == "random_jump":  # its first basis too; the walk's is the SVD's
+    np.testing.assert_array_equal(basis, init(other, r, jax.random.key(1)))
+    assert not np.allclose(basis, init(grad, r, jax.random.key(3)))
 
 
 def test_svd_rule_of_degenerate_gradients_is_orthonormal():
