@@ -227,11 +227,25 @@ def _resolve_tree(spec, params, name: str, is_leaf=None) -> list:
     ) from err
 
 
-def _is_int_scalar_array(x) -> bool:
-  """Whether ``x`` is an integer scalar array, as ``inject_hyperparams`` makes of ints."""
-  return (
-    isinstance(x, jax.Array) and x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)
-  )
+def _update_interval(value) -> int | jax.Array:
+  """``update_interval`` as an int, or as the integer scalar array it may be.
+
+  ``optax.inject_hyperparams`` makes an array of an int, traced under jit; the
+  step predicate takes it as it is.
+  """
+  if not (
+    isinstance(value, jax.Array)
+    and value.ndim == 0
+    and jnp.issubdtype(value.dtype, jnp.integer)
+  ):
+    return subspace_lib._positive_int("update_interval", value)
+  try:
+    known = int(value)
+  except TypeError:  # traced
+    return value
+  if known < 1:
+    raise ValueError(f"grassjax: update_interval must be >= 1, got {value!r}.")
+  return value
 
 
 def _as_dtype(name: str, value: jax.typing.DTypeLike | None) -> jnp.dtype:
@@ -490,8 +504,7 @@ def scale_by_subspace_adam(
       f" grassjax.subspace.svd(); got {subspace!r}."
     )
   rank = subspace_lib._positive_int("rank", rank)
-  if not _is_int_scalar_array(update_interval):
-    update_interval = subspace_lib._positive_int("update_interval", update_interval)
+  update_interval = _update_interval(update_interval)
   if isinstance(zeta, (int, float)) and not zeta > 0:
     raise ValueError(f"grassjax: zeta must be > 0, got {zeta!r}.")
   moment_dtype = _as_dtype("moment_dtype", moment_dtype)
