@@ -291,6 +291,7 @@ def _check_dtype(name: str, shape: tuple[int, ...], dtype, projected: bool) -> N
 
 
 def _leaf_dtype(leaf) -> jnp.dtype:
+  """A parameter's dtype, also for Python scalars and ``ShapeDtypeStruct``s."""
   return jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
 
 
