@@ -168,7 +168,7 @@ class Checkpointer:
     Raises:
       ConfigMismatchError: the checkpoint was made with another configuration.
       UserError: no checkpoint can be read; the message names the latest.
-        Either closes the checkpointer first.
+      Both close the checkpointer.
     """
     try:
       return self._restore_latest(abstract_state, shardings)
@@ -176,7 +176,9 @@ class Checkpointer:
       self.close()
       raise
 
-  def _restore_latest(self, abstract_state, shardings):
+  def _restore_latest(
+    self, abstract_state, shardings
+  ) -> tuple[int, Any, dict[str, Any]] | None:
     target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state,

@@ -227,7 +227,7 @@ def local_documents(
     epoch, shard, line, start = epoch + 1, 0, 0, {"shard": 0, "line": 0}
 
 
-def open_hub_stream(split: str):
+def open_hub_stream(split: str) -> Any:
   """The ``split`` of ``allenai/c4`` as a streaming ``datasets`` dataset.
 
   Raises:
