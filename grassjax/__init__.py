@@ -1,30 +1,43 @@
 """grassjax: memory-efficient training by low-rank gradient projection.
 
-GrassWalk, GrassJump, SubTrack++ and GaLore as optax gradient transformations,
-built on :func:`scale_by_subspace_adam` and the subspace rules of
+GrassWalk, GrassJump, SubTrack++ and GaLore as optax gradient
+transformations: :func:`low_rank_adamw` and its presets, built on
+:func:`scale_by_subspace_adam` and the subspace rules of
 :mod:`grassjax.subspace`.
 """
 
-from grassjax import diagnostics, subspace
-from grassjax.alias import galore, grassjump, grasswalk, subtrack_pp
-from grassjax.subspace import SubspaceRule
-from grassjax.transform import (
-  MatrixDimensionNumbers,
-  SubspaceAdamState,
-  rotate_moments,
-  scale_by_subspace_adam,
+from grassjax import diagnostics, layout, moments, recovery, subspace
+from grassjax.alias import (
+  OPTIMIZERS,
+  OptimizerInfo,
+  galore,
+  grassjump,
+  grasswalk,
+  low_rank_adamw,
+  subtrack_pp,
 )
+from grassjax.layout import MatrixDimensionNumbers, MatrixLayout
+from grassjax.moments import rotate_moments
+from grassjax.subspace import SubspaceRule
+from grassjax.transform import SubspaceAdamState, scale_by_subspace_adam
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "OPTIMIZERS",
   "MatrixDimensionNumbers",
+  "MatrixLayout",
+  "OptimizerInfo",
   "SubspaceAdamState",
   "SubspaceRule",
   "diagnostics",
   "galore",
   "grassjump",
   "grasswalk",
+  "layout",
+  "low_rank_adamw",
+  "moments",
+  "recovery",
   "rotate_moments",
   "scale_by_subspace_adam",
   "subspace",

@@ -7,19 +7,16 @@ step and logged without extra host syncs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from grassjax.transform import (
-  DimensionNumbersOrFn,
-  MatrixDimensionNumbers,
-  SubspaceAdamState,
-  _layout,
-  _resolve_tree,
-)
+from grassjax import layout as layout_lib
+from grassjax.layout import DimensionNumbersOrFn
+from grassjax.transform import SubspaceAdamState
 
 
 def find_subspace_state(opt_state: Any) -> SubspaceAdamState:
@@ -68,54 +65,38 @@ def energy_fraction(
     matrix) for projected parameters and ``None`` for the others.
   """
   state = find_subspace_state(opt_state)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+  leaves, treedef = jax.tree.flatten(grads)
   # Matched by position, not by tree type: wrappers differ between the
   # gradients and the state (flax.nnx.Optimizer keeps its state in OptVariable
   # where the gradients have Param), while the order of the leaves is the same.
   bases = jax.tree.leaves(
     state.basis, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
   )
-  if len(bases) != len(leaves):
-    raise ValueError(
-      f"grassjax: the gradients have {len(leaves)} leaves but the optimizer"
-      f" state has {len(bases)} bases."
-    )
-  dims_list = _resolve_tree(
-    dimension_numbers,
-    grads,
-    "dimension_numbers",
-    is_leaf=lambda x: x is None or isinstance(x, MatrixDimensionNumbers),
-  )
+  layouts = layout_lib.layouts_from_bases(grads, bases, dimension_numbers)
   out = []
-  for (path, g), basis, dims in zip(leaves, bases, dims_list, strict=True):
-    if isinstance(basis, optax.MaskedNode):
+  for g, basis, layout in zip(leaves, bases, layouts, strict=True):
+    if layout is None:
       out.append(None)
       continue
-    layout = _layout(
-      jax.tree_util.keystr(path), g.shape, dims or MatrixDimensionNumbers()
-    )
-    fractions = _energy_fractions(
-      layout, layout.to_views(g), basis.reshape(-1, *basis.shape[-2:])
+    (fractions,) = layout_lib.for_each_matrix(
+      functools.partial(_energy_fraction, layout),
+      (jnp.zeros(layout.num_matrices, jnp.float32),),
+      (layout.to_views(g), layout.flatten_batch(basis)),
     )
     out.append(fractions.reshape(layout.batch_shape))
   return treedef.unflatten(out)
 
 
-def _energy_fractions(layout, views: jax.Array, bases: jax.Array) -> jax.Array:
-  """``||S^T G|| / ||G||`` (0 for a zero gradient) of each of ``N`` matrices.
-
-  ``views`` ``(N, a, b)`` and ``bases`` ``(N, m, r)``; a loop over ``N``, so
-  the products exist for one matrix at a time.
-  """
-
-  def body(j, fractions):
-    view = views[j]
-    inside = jnp.linalg.norm(layout.project(bases[j], view))
-    total = jnp.linalg.norm(view.astype(jnp.float32))
-    fraction = jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0)
-    return fractions.at[j].set(fraction)
-
-  return jax.lax.fori_loop(0, len(views), body, jnp.zeros(len(views), jnp.float32))
+def _energy_fraction(
+  layout: layout_lib.MatrixLayout,
+  _: jax.Array,
+  view: jax.Array,
+  basis: jax.Array,
+) -> tuple[jax.Array]:
+  """``||S^T G|| / ||G||`` of one matrix (0 for a zero gradient)."""
+  inside = jnp.linalg.norm(layout.project(basis, view))
+  total = jnp.linalg.norm(view.astype(jnp.float32))
+  return (jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0),)
 
 
 def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:

@@ -30,13 +30,15 @@ handbook" (2024): a tangent vector at ``S`` is an ``(m, r)`` matrix ``H`` with
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from grassjax import _checks
 
 InitFn = Callable[[jax.Array, int, jax.Array | None], jax.Array]
 UpdateFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -73,31 +75,6 @@ class SubspaceRule(NamedTuple):
   update: UpdateFn
   needs_key: bool = False
   name: str = "custom"
-
-
-def _positive_int(name: str, value) -> int:
-  """``value``, a Python or NumPy integer ``>= 1``, as an int; else a ValueError.
-
-  Such arguments fix array shapes, so they cannot be traced.
-  """
-  if (
-    isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-  ):
-    return int(value)
-  hint = ""
-  if isinstance(value, jax.Array):
-    hint = " (with optax.inject_hyperparams, name it in static_args)"
-  raise ValueError(f"grassjax: {name} must be an int >= 1, got {value!r}{hint}.")
-
-
-def _check_step_size(step_size: jax.typing.ArrayLike) -> None:
-  """Refuses a negative or non-finite ``step_size`` where its value is known."""
-  try:
-    value = float(step_size)
-  except TypeError:  # traced, as under optax.inject_hyperparams: unknown here
-    return
-  if not (math.isfinite(value) and value >= 0):
-    raise ValueError(f"grassjax: step_size must be finite and >= 0, got {step_size!r}.")
 
 
 # ----------------------------------------------------------------------------
@@ -208,6 +185,9 @@ def projection_error(basis: jax.Array, grad: jax.Array) -> jax.Array:
 _TANGENT_RTOL = 1e-4
 
 
+TopSingular = Callable[[jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]]
+
+
 def _step_along(
   basis: jax.Array,
   direction: jax.Array,
@@ -215,18 +195,16 @@ def _step_along(
   step_size: jax.typing.ArrayLike,
   k: int,
   normalize: bool,
-  key: jax.Array | None = None,
+  decompose: TopSingular,
 ) -> jax.Array:
   """Geodesic step along the rank-``k`` part of the tangent ``direction``.
 
-  ``scale`` is the Frobenius norm of the matrix ``direction`` was projected
-  from; singular values under ``_TANGENT_RTOL * scale`` do not move the basis.
+  ``decompose(direction, k)`` gives that part's singular triplets (exact or
+  randomized); ``scale`` is the Frobenius norm of the matrix ``direction``
+  was projected from, and singular values under ``_TANGENT_RTOL * scale`` do
+  not move the basis.
   """
-  k = min(k, basis.shape[1])
-  if key is None:
-    u, sigma, v = top_singular(direction, k)
-  else:
-    u, sigma, v = randomized_svd(direction, k, key)
+  u, sigma, v = decompose(direction, min(k, basis.shape[1]))
   sigma = jnp.where(sigma > _TANGENT_RTOL * scale, sigma, 0.0)
   if normalize:
     # Unit Frobenius norm: the geodesic distance travelled is exactly step_size.
@@ -313,8 +291,8 @@ def tracking(
   Scalable LLM Training" (2025).
   """
 
-  _check_step_size(step_size)
-  tangent_rank = _positive_int("tangent_rank", tangent_rank)
+  _checks.step_size(step_size)
+  tangent_rank = _checks.positive_int("tangent_rank", tangent_rank)
 
   def update(basis, grad, key):
     del key
@@ -322,7 +300,13 @@ def tracking(
     ga = grad @ a.T
     direction = 2.0 * (ga - basis @ (a @ a.T))
     return _step_along(
-      basis, direction, 2.0 * jnp.linalg.norm(ga), step_size, tangent_rank, normalize
+      basis,
+      direction,
+      2.0 * jnp.linalg.norm(ga),
+      step_size,
+      tangent_rank,
+      normalize,
+      top_singular,
     )
 
   return SubspaceRule(init=_svd_basis, update=update, name="tracking")
@@ -368,8 +352,8 @@ def random_walk(
   Efficient LLM Training", Section 3, eq. (2).
   """
 
-  _check_step_size(step_size)
-  tangent_rank = _positive_int("tangent_rank", tangent_rank)
+  _checks.step_size(step_size)
+  tangent_rank = _checks.positive_int("tangent_rank", tangent_rank)
 
   def update(basis, grad, key):
     del grad
@@ -382,7 +366,7 @@ def random_walk(
       step_size,
       tangent_rank,
       normalize,
-      svd_key,
+      functools.partial(randomized_svd, key=svd_key),
     )
 
   return SubspaceRule(

@@ -433,7 +433,7 @@ def test_full_rank_identity_basis_reduces_to_adam(adaptive_optimizer, recovery_s
     update_interval=2,
     adaptive_optimizer=adaptive_optimizer,
     recovery_scaling=recovery_scaling,
-    mask={"wide": True, "tall": True},
+    projection_mask={"wide": True, "tall": True},
   )
   adam = optax.adam(1.0)  # the learning rate 1 only flips the sign
   state, adam_state = tx.init(params), adam.init(params)
