@@ -6,8 +6,8 @@ and Appendix A) and of SubTrack++, with these readings where the papers are
 ambiguous or, taken literally, wrong (the same ones grassjax documents):
 
 * canonical orientation: a gradient with more rows than columns is handled as
-  its transpose, so the basis ``S`` is ``(min(m, n), r)``; a square matrix is
-  projected on the left;
+  its transpose, so the basis ``S`` is ``(min(m, n), r)`` (or, projecting the
+  longer side, ``(max(m, n), r)``); a square matrix is projected on the left;
 * Adam with bias correction and ``eps`` outside the square root, one global
   1-based step count ``t`` that a basis change does not reset;
 * the adaptive-optimizer (AO) rotation of the moments in its bias-corrected
@@ -37,10 +37,16 @@ import numpy as np
 RS_EPS = 1e-8  # in phi's denominator and in the limiter's ratio
 
 
-def canonical(g: np.ndarray) -> tuple[np.ndarray, bool]:
-  """``(G, transposed)``: ``G = g`` if ``rows <= cols``, else ``G = g^T``."""
+def canonical(g: np.ndarray, longer: bool = False) -> tuple[np.ndarray, bool]:
+  """``(G, transposed)``: ``G = g`` if ``rows <= cols``, else ``G = g^T``.
+
+  With ``longer``, the other way round: ``G`` has its longer side first (the
+  projected side is the longer one). A square ``g`` is never transposed.
+  """
   g = np.asarray(g, np.float64)
-  return (g.T, True) if g.shape[0] > g.shape[1] else (g, False)
+  rows, cols = g.shape
+  transpose = rows < cols if longer else rows > cols
+  return (g.T, True) if transpose else (g, False)
 
 
 def is_update_step(t: int, update_interval: int) -> bool:
@@ -188,6 +194,7 @@ def run(
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
+  projected_side: str = "shorter",
 ) -> tuple[list[np.ndarray], MatrixState]:
   """The updates (before the learning rate) for a sequence of gradients.
 
@@ -205,6 +212,8 @@ def run(
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's ``eps``, outside the square root.
+    projected_side: ``"shorter"``, or ``"longer"``: the bases are then
+      ``(max(m, n), r)`` and the moments ``(r, min(m, n))``.
 
   Returns:
     The updates, each in its gradient's orientation, and the final state.
@@ -212,7 +221,7 @@ def run(
   state = MatrixState()
   updates = []
   for t, (g, basis) in enumerate(zip(grads, bases, strict=True), start=1):
-    g64, transposed = canonical(g)
+    g64, transposed = canonical(g, longer=projected_side == "longer")
     u = step(
       state,
       g64,

@@ -236,6 +236,22 @@ def test_grid_cell_matches_reference(rule, adaptive_optimizer, recovery_scaling)
         assert not np.allclose(bases[t - 1][name], bases[t - 2][name])
 
 
+@pytest.mark.parametrize("rule", ["svd", "random_jump"])
+def test_longer_side_matches_reference(rule):
+  """Projecting the longer side: the same equations on the transposed view."""
+  settings = grid_settings(adaptive_optimizer=True, recovery_scaling=True)
+  tx = grassjax.scale_by_subspace_adam(
+    RULES[rule], rank=RANK, key=KEY, projected_side="longer", **settings
+  )
+  grads = gradients(ALL_SHAPES, seed=2)
+  updates, bases, norms = run_library(tx, grads)
+  for name, shape in ALL_SHAPES.items():
+    assert bases[0][name].shape[-2] == max(shape[-2:]), name
+  check_against_reference(
+    ALL_SHAPES, grads, updates, bases, norms, projected_side="longer", **settings
+  )
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_rule_bases_follow_the_reference_geometry(rule):
   """Each rule's bases in the grid runs, against the reference geometry.

@@ -498,7 +498,9 @@ def test_recovery_norm_of_a_gradient_inside_the_subspace_is_that_applied():
   g = (rng.standard_normal((16, RANK)) @ rng.standard_normal((RANK, 40))).astype(
     np.float32
   )
-  tx = grassjax.scale_by_subspace_adam(subspace.svd(), rank=RANK, projection_mask={"w": True})
+  tx = grassjax.scale_by_subspace_adam(
+    subspace.svd(), rank=RANK, projection_mask={"w": True}
+  )
   state = tx.init({"w": g})
   _, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state)
   basis = np.asarray(state.basis["w"])
@@ -711,3 +713,74 @@ def test_bfloat16_bases_do_not_move_on_rounding(rule):
   overlap = np.asarray(state.basis["w"].astype(jnp.float32).T @ before)
   # bfloat16 rounding of an orthonormal basis: entries off by <= 2^-8.
   np.testing.assert_allclose(overlap, np.eye(rank), atol=2e-2)
+
+
+def test_bfloat16_projections_round_operands_only():
+  """projection_dtype=bfloat16: both products take bfloat16 operands and
+  accumulate in float32, so the update is within bfloat16 rounding of the
+  float32 one, and not equal to it."""
+  params = _params()
+  grads = _grads(0, params)
+
+  def first_update(projection_dtype):
+    tx = grassjax.grasswalk(1.0, rank=RANK, key=KEY, projection_dtype=projection_dtype)
+    return tx.update(grads, tx.init(params))[0]
+
+  exact, rounded = first_update(None), first_update(jnp.bfloat16)
+  for name in ("wide", "tall", "square", "stack"):
+    scale = float(jnp.max(jnp.abs(exact[name])))
+    np.testing.assert_allclose(rounded[name], exact[name], atol=3e-2 * scale)
+    assert not np.allclose(rounded[name], exact[name], atol=1e-4 * scale)
+    assert rounded[name].dtype == jnp.float32
+  np.testing.assert_array_equal(rounded["bias"], exact["bias"])
+
+
+def test_registry_describes_each_preset():
+  assert tuple(grassjax.OPTIMIZERS) == (
+    "galore",
+    "grasswalk",
+    "grassjump",
+    "subtrack_pp",
+  )
+  for name, info in grassjax.OPTIMIZERS.items():
+    assert info.constructor is getattr(grassjax, name)
+    assert info.needs_key == (name in ("grasswalk", "grassjump"))
+    key = KEY if info.needs_key else None
+    tx = info.constructor(1e-2, rank=RANK, key=key)
+    state = _subspace_state(tx.init(_params()))
+    assert (state.key is not None) == info.needs_key
+    if info.needs_key:
+      with pytest.raises(TypeError, match="key"):
+        info.constructor(1e-2, rank=RANK)
+  defaults = {name: info.defaults for name, info in grassjax.OPTIMIZERS.items()}
+  assert defaults["galore"]["update_interval"] == 200
+  assert not defaults["galore"]["adaptive_optimizer"]
+  assert defaults["grasswalk"]["recovery_scaling"]
+  assert "step_size" in defaults["subtrack_pp"]
+  assert "step_size" not in defaults["grassjump"]
+
+
+def test_presets_are_low_rank_adamw_with_their_rule():
+  """A preset and low_rank_adamw given the same rule and options agree."""
+  params = _params()
+  options = dict(rank=RANK, update_interval=2, weight_decay=0.1, scale=0.5)
+  preset = grassjax.subtrack_pp(1e-2, step_size=0.3, **options)
+  general = grassjax.low_rank_adamw(1e-2, subspace.tracking(0.3), **options)
+  state_a, state_b = preset.init(params), general.init(params)
+  for step in range(3):
+    grads = _grads(step, params)
+    a, state_a = preset.update(grads, state_a, params)
+    b, state_b = general.update(grads, state_b, params)
+    chex.assert_trees_all_equal(a, b)
+
+
+@pytest.mark.parametrize(
+  "module",
+  ["alias", "layout", "moments", "recovery", "subspace", "transform", "diagnostics"],
+)
+def test_docstring_examples_run(module):
+  import doctest
+  import importlib
+
+  result = doctest.testmod(importlib.import_module(f"grassjax.{module}"))
+  assert result.failed == 0
