@@ -346,6 +346,106 @@ def _unzip(treedef, rows: list[tuple]) -> list:
   return [treedef.unflatten(list(column)) for column in zip(*rows, strict=True)]
 
 
+class _Config(NamedTuple):
+  """Everything :func:`scale_by_subspace_adam` was given, checked."""
+
+  step: _StepConfig
+  update_interval: int | jax.Array
+  stagger: bool
+  projection_mask: MaskOrFn
+  dimension_numbers: DimensionNumbersOrFn
+  projected_side: ProjectedSide
+  mu_dtype: jnp.dtype
+  nu_dtype: jnp.dtype
+  basis_dtype: jnp.dtype
+  key_data: jax.Array | None
+  key_impl: Any
+
+
+def _init_state(config: _Config, params: optax.Params) -> SubspaceAdamState:
+  """The ``init`` of :func:`scale_by_subspace_adam`: zero moments and bases."""
+  layouts = layout_lib.projection_layouts(
+    params,
+    rank=config.step.rank,
+    projection_mask=config.projection_mask,
+    dimension_numbers=config.dimension_numbers,
+    projected_side=config.projected_side,
+  )
+  _check_leaf_dtypes(params, layouts)
+  init_leaf = functools.partial(
+    _init_leaf,
+    rank=config.step.rank,
+    mu_dtype=config.mu_dtype,
+    nu_dtype=config.nu_dtype,
+    basis_dtype=config.basis_dtype,
+    recovery_scaling=config.step.recovery_scaling,
+  )
+  leaves, treedef = jax.tree.flatten(params)
+  rows = [init_leaf(layout, leaf) for layout, leaf in zip(layouts, leaves, strict=True)]
+  mu, nu, basis, rnorm = _unzip(treedef, rows)
+  key = config.key_data
+  return SubspaceAdamState(
+    count=jnp.zeros([], jnp.int32),
+    # A private copy, safe to donate with the state.
+    key=None if key is None else jnp.array(key, copy=True),
+    mu=mu,
+    nu=nu,
+    basis=basis,
+    recovery_norm=rnorm,
+  )
+
+
+def _update_state(
+  config: _Config,
+  updates: optax.Updates,
+  state: SubspaceAdamState,
+  params: optax.Params | None = None,
+  *,
+  layer: tuple[jax.Array, int] | None = None,
+) -> tuple[optax.Updates, SubspaceAdamState]:
+  """The ``update`` of :func:`scale_by_subspace_adam`: one step.
+
+  ``layer=(index, size)`` updates one slice of stacked parameters, for a
+  per-layer (fused) update: every leaf of ``updates`` and of the state's
+  per-parameter trees is slice ``index`` (a traced int) of a leaf stacked
+  along a leading axis of ``size``, and the step equals that slice of the
+  whole-stack step, PRNG keys included. The returned count is the step's
+  count (each slice's call returns the same).
+  """
+  del params
+  count, step = state.count, config.step
+  grads, treedef = jax.tree.flatten(updates)
+  trees = (state.mu, state.nu, state.basis, state.recovery_norm)
+  per_leaf_state = list(zip(*map(treedef.flatten_up_to, trees), strict=True))
+  layouts = layout_lib.layouts_from_bases(
+    updates, [leaf[2] for leaf in per_leaf_state], config.dimension_numbers
+  )
+  _check_leaf_dtypes(updates, layouts)
+  offsets = _stagger_offsets(layouts, config.update_interval, config.stagger)
+  rows = []
+  for i, (grad, layout, (mu, nu, basis, rnorm)) in enumerate(
+    zip(grads, layouts, per_leaf_state, strict=True)
+  ):
+    if layout is None:
+      adam = _adam_leaf(grad, mu, nu, count, step.b1, step.b2, step.eps)
+      rows.append((*adam, basis, rnorm))
+      continue
+    branch = _basis_branch(count, offsets[i], config.update_interval)
+    key_data = None if config.key_data is None else state.key
+    keys = _matrix_keys(key_data, config.key_impl, i, count, layout, layer)
+    rows.append(
+      _projected_leaf(step, layout, branch, count, grad, mu, nu, basis, rnorm, keys)
+    )
+  new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows)
+  return new_updates, state._replace(
+    count=optax.safe_increment(count),
+    mu=mu,
+    nu=nu,
+    basis=basis,
+    recovery_norm=rnorm,
+  )
+
+
 def scale_by_subspace_adam(
   subspace: subspace_lib.SubspaceRule,
   *,
@@ -489,105 +589,32 @@ def scale_by_subspace_adam(
       " PRNG key: pass key=jax.random.key(seed)."
     )
   key_data, key_impl = (None, None) if key is None else _checks.split_key(key)
-  config = _StepConfig(
-    subspace,
-    rank,
-    adaptive_optimizer,
-    recovery_scaling,
-    zeta,
-    scale,
-    scale_recovery,
-    b1,
-    b2,
-    eps,
-    projection_dtype,
+  config = _Config(
+    step=_StepConfig(
+      subspace,
+      rank,
+      adaptive_optimizer,
+      recovery_scaling,
+      zeta,
+      scale,
+      scale_recovery,
+      b1,
+      b2,
+      eps,
+      projection_dtype,
+    ),
+    update_interval=update_interval,
+    stagger=stagger,
+    projection_mask=projection_mask,
+    dimension_numbers=dimension_numbers,
+    projected_side=projected_side,
+    mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
+    basis_dtype=basis_dtype,
+    key_data=key_data,
+    key_impl=key_impl,
   )
-
-  def init_fn(params: optax.Params) -> SubspaceAdamState:
-    layouts = layout_lib.projection_layouts(
-      params,
-      rank=rank,
-      projection_mask=projection_mask,
-      dimension_numbers=dimension_numbers,
-      projected_side=projected_side,
-    )
-    _check_leaf_dtypes(params, layouts)
-    init_leaf = functools.partial(
-      _init_leaf,
-      rank=rank,
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-      basis_dtype=basis_dtype,
-      recovery_scaling=recovery_scaling,
-    )
-    leaves, treedef = jax.tree.flatten(params)
-    rows = [
-      init_leaf(layout, leaf) for layout, leaf in zip(layouts, leaves, strict=True)
-    ]
-    mu, nu, basis, rnorm = _unzip(treedef, rows)
-    return SubspaceAdamState(
-      count=jnp.zeros([], jnp.int32),
-      # A private copy, safe to donate with the state.
-      key=None if key_data is None else jnp.array(key_data, copy=True),
-      mu=mu,
-      nu=nu,
-      basis=basis,
-      recovery_norm=rnorm,
-    )
-
-  def update_fn(updates, state, params=None, *, layer=None):
-    """One step; see the docstring of the enclosing function.
-
-    ``layer=(index, size)`` updates one slice of stacked parameters, for a
-    per-layer (fused) update: every leaf of ``updates`` and of the state's
-    per-parameter trees is slice ``index`` (a traced int) of a leaf stacked
-    along a leading axis of ``size``, and the step equals that slice of the
-    whole-stack step, PRNG keys included. The returned count is the step's
-    count (each slice's call returns the same).
-    """
-    del params
-    grads, treedef = jax.tree.flatten(updates)
-    per_leaf_state = zip(
-      *(
-        treedef.flatten_up_to(tree)
-        for tree in (state.mu, state.nu, state.basis, state.recovery_norm)
-      ),
-      strict=True,
-    )
-    layouts = layout_lib.layouts_from_bases(
-      updates, treedef.flatten_up_to(state.basis), dimension_numbers
-    )
-    _check_leaf_dtypes(updates, layouts)
-    offsets = _stagger_offsets(layouts, update_interval, stagger)
-    rows = []
-    for i, (grad, layout, (mu, nu, basis, rnorm)) in enumerate(
-      zip(grads, layouts, per_leaf_state, strict=True)
-    ):
-      if layout is None:
-        adam = _adam_leaf(grad, mu, nu, state.count, b1, b2, eps)
-        rows.append((*adam, basis, rnorm))
-        continue
-      branch = _basis_branch(state.count, offsets[i], update_interval)
-      keys = _matrix_keys(
-        None if key_data is None else state.key,
-        key_impl,
-        i,
-        state.count,
-        layout,
-        layer,
-      )
-      rows.append(
-        _projected_leaf(
-          config, layout, branch, state.count, grad, mu, nu, basis, rnorm, keys
-        )
-      )
-    new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows)
-    return new_updates, state._replace(
-      count=optax.safe_increment(state.count),
-      mu=mu,
-      nu=nu,
-      basis=basis,
-      recovery_norm=rnorm,
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    functools.partial(_init_state, config),
+    functools.partial(_update_state, config),
+  )
