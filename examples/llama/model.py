@@ -132,17 +132,6 @@ def get_config(name: str) -> LlamaConfig:
   return CONFIGS[name]
 
 
-def param_count(config: LlamaConfig) -> int:
-  """The number of parameters of ``config``'s model, in closed form.
-
-  ``V d`` (embedding) + ``L (4 d^2 + 3 d h + 2 d)`` (attention, MLP, two norms
-  per block) + ``d`` (final norm) + ``d V`` (LM head), for vocabulary ``V``,
-  width ``d``, hidden width ``h`` and ``L`` layers.
-  """
-  d, h, v = config.dim, config.hidden_dim, config.vocab_size
-  return v * d + config.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d + d * v
-
-
 def low_rank_mask(params: Any) -> Any:
   """True for the attention and MLP kernels, False for everything else.
 
@@ -335,6 +324,15 @@ class Llama(nnx.Module):
     return self.logits(x)
 
 
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters of a (possibly abstract, ``nnx.eval_shape``) model."""
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def abstract_params(config: LlamaConfig) -> nnx.State:
+  """The parameters of ``config``'s model as ``jax.ShapeDtypeStruct``s.
+
+  Nothing is allocated (``nnx.eval_shape``), so this is cheap at any size.
+  """
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return nnx.state(model, nnx.Param)
+
+
+def param_count(config: LlamaConfig) -> int:
+  """The number of parameters of ``config``'s model, counted from its shapes."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params(config)))
