@@ -184,6 +184,7 @@ def grasswalk(
   step_size: jax.typing.ArrayLike = subspace_lib.DEFAULT_WALK_ANGLE,
   tangent_rank: int | None = None,
   normalize_step: bool = True,
+  svd_method: subspace_lib.SvdMethod = "exact",
   adaptive_optimizer: bool = True,
   recovery_scaling: bool = True,
   **options: Any,
@@ -209,6 +210,8 @@ def grasswalk(
       thousands of radians).
     tangent_rank: rank of each random rotation (``None``: 1).
     normalize_step: ``step_size`` is an angle (True) or the raw scale.
+    svd_method: ``"exact"`` or ``"randomized"`` SVD for the first basis
+      (:func:`grassjax.subspace.svd_basis`).
     adaptive_optimizer: rotate Adam's moments onto new bases (AO).
     recovery_scaling: add back the rescaled residual (RS).
     **options: {options}
@@ -234,6 +237,7 @@ def grasswalk(
     step_size,
     tangent_rank=_tangent_rank(tangent_rank),
     normalize=normalize_step,
+    svd_method=svd_method,
   )
   return low_rank_adamw(
     learning_rate,
@@ -306,6 +310,7 @@ def subtrack_pp(
   step_size: jax.typing.ArrayLike = 10.0,
   tangent_rank: int | None = None,
   normalize_step: bool = False,
+  svd_method: subspace_lib.SvdMethod = "exact",
   adaptive_optimizer: bool = True,
   recovery_scaling: bool = True,
   **options: Any,
@@ -329,6 +334,8 @@ def subtrack_pp(
       with ``normalize_step=True``.
     tangent_rank: rank of each tracking step (``None``: 1, as the papers).
     normalize_step: make ``step_size`` an angle in radians.
+    svd_method: ``"exact"`` or ``"randomized"`` SVD for the first basis
+      (:func:`grassjax.subspace.svd_basis`; randomized needs a ``key``).
     adaptive_optimizer: rotate Adam's moments onto new bases (AO).
     recovery_scaling: add back the rescaled residual (RS).
     **options: {options}
@@ -353,6 +360,7 @@ def subtrack_pp(
     step_size,
     tangent_rank=_tangent_rank(tangent_rank),
     normalize=normalize_step,
+    svd_method=svd_method,
   )
   return low_rank_adamw(
     learning_rate,
@@ -372,6 +380,7 @@ def galore(
   rank: int,
   key: jax.Array | None = None,
   update_interval: int | jax.Array = 200,
+  svd_method: subspace_lib.SvdMethod = "exact",
   adaptive_optimizer: bool = False,
   recovery_scaling: bool = False,
   **options: Any,
@@ -390,6 +399,9 @@ def galore(
     rank: ``r``.
     key: unused by the SVD rule; accepted so every preset takes one.
     update_interval: ``T``, steps between SVDs.
+    svd_method: ``"exact"``, or ``"randomized"`` (a range finder that never
+      gathers a sharded gradient; needs a ``key``), see
+      :func:`grassjax.subspace.svd_basis`.
     adaptive_optimizer: rotate Adam's moments onto new bases (AO, off).
     recovery_scaling: add back the rescaled residual (RS, off).
     **options: {options}
@@ -410,7 +422,7 @@ def galore(
   """
   return low_rank_adamw(
     learning_rate,
-    subspace_lib.svd(),
+    subspace_lib.svd(svd_method),
     rank=rank,
     key=key,
     update_interval=update_interval,

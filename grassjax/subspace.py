@@ -21,7 +21,8 @@ the first SVD basis forever. Writing another rule takes two functions; see
 :class:`SubspaceRule`.
 
 The geometry follows Bendokat, Zimmermann and Absil, "A Grassmann manifold
-handbook" (2024): a tangent vector at ``S`` is an ``(m, r)`` matrix ``H`` with
+handbook: basic geometry and computational aspects" (Advances in Computational
+Mathematics, 2024, doi:10.1007/s10444-023-10090-8): a tangent vector at ``S`` is an ``(m, r)`` matrix ``H`` with
 ``S^T H = 0``, and with the thin SVD ``H = U Sigma V^T`` the geodesic leaving
 ``S`` along ``H`` is
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,8 @@ def randomized_svd(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Approximate top-``k`` SVD of ``x`` ``(m, r)`` by a randomized range finder.
 
-  Halko, Martinsson and Tropp (2011): ``Q = orth((x x^T)^q x Omega)`` with a
+  Halko, Martinsson and Tropp, "Finding structure with randomness" (2011,
+  arXiv:0909.4061): ``Q = orth((x x^T)^q x Omega)`` with a
   Gaussian ``Omega`` of ``k + oversample`` columns, then the exact SVD of the
   small ``Q^T x``. The left vectors lie in ``range(x)``, so for a tangent ``x``
   they stay orthogonal to the basis.
@@ -225,32 +227,71 @@ def _svd_basis(grad: jax.Array, rank: int, key: jax.Array | None = None) -> jax.
   return u[:, :rank]
 
 
-def svd() -> SubspaceRule:
+SvdMethod = Literal["exact", "randomized"]
+
+
+def svd_basis(
+  method: SvdMethod = "exact", *, oversample: int = 8, power_iters: int = 2
+) -> InitFn:
+  """An ``init`` that takes the top-``rank`` left singular vectors of ``grad``.
+
+  ``"exact"``: from ``jnp.linalg.svd`` (cost ``O(m^2 n)``; under sharding the
+  solver needs the whole matrix on one device). ``"randomized"``: from
+  :func:`randomized_svd` with ``power_iters`` passes, which touches ``G`` only
+  through products (``G Omega``, ``G^T Q``), so a sharded gradient is never
+  gathered; it needs a key.
+  """
+  if method == "exact":
+    return _svd_basis
+  if method != "randomized":
+    raise ValueError(
+      f"grassjax: svd_method must be 'exact' or 'randomized', got {method!r}."
+    )
+  _checks.positive_int("oversample", oversample)
+
+  def randomized_basis(grad, rank, key):
+    u, _, _ = randomized_svd(
+      grad, rank, key, oversample=oversample, power_iters=power_iters
+    )
+    return u
+
+  return randomized_basis
+
+
+def svd(svd_method: SvdMethod = "exact") -> SubspaceRule:
   """GaLore's rule: the top-``r`` left singular vectors of the current gradient.
 
   ``init(G) = update(S, G) = U[:, :r]`` with ``G = U Sigma V^T``. The previous
   basis is discarded. Column signs are those ``jnp.linalg.svd`` returns; they
   matter only when the adaptive optimizer is off (unrotated moments). The SVD
   of a zero or rank-deficient gradient still has orthonormal ``U``.
+  ``svd_method="randomized"`` uses a randomized range finder instead
+  (:func:`svd_basis`), and the rule then needs a key.
 
   Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient
-  Low-Rank Projection" (2024).
+  Low-Rank Projection" (2024), arXiv:2403.03507.
   """
+  init = svd_basis(svd_method)
   return SubspaceRule(
-    init=_svd_basis,
-    update=lambda basis, grad, key: _svd_basis(grad, basis.shape[1]),
+    init=init,
+    update=lambda basis, grad, key: init(grad, basis.shape[1], key),
+    needs_key=svd_method == "randomized",
     name="svd",
   )
 
 
-def fixed() -> SubspaceRule:
-  """The SVD basis of the first gradient, never updated (the "no subspace update" ablation).
+def fixed(svd_method: SvdMethod = "exact") -> SubspaceRule:
+  """The SVD basis of the first gradient, never updated (the "no subspace
+  update" ablation).
 
-  ``init(G_1) = U[:, :r]`` with ``G_1 = U Sigma V^T`` ``(m, n)``, as :func:`svd`;
-  ``update(S, G) = S``.
+  ``init(G_1) = U[:, :r]`` with ``G_1 = U Sigma V^T`` ``(m, n)``, as
+  :func:`svd`; ``update(S, G) = S``.
   """
   return SubspaceRule(
-    init=_svd_basis, update=lambda basis, grad, key: basis, name="fixed"
+    init=svd_basis(svd_method),
+    update=lambda basis, grad, key: basis,
+    needs_key=svd_method == "randomized",
+    name="fixed",
   )
 
 
@@ -259,6 +300,7 @@ def tracking(
   *,
   tangent_rank: int = 1,
   normalize: bool = False,
+  svd_method: SvdMethod = "exact",
 ) -> SubspaceRule:
   """SubTrack++'s Grassmannian subspace tracking.
 
@@ -286,6 +328,8 @@ def tracking(
     tangent_rank: rank of the tangent used per step.
     normalize: scale the tangent's singular values to unit Frobenius norm, so
       ``step_size`` is the rotation angle in radians.
+    svd_method: how the first basis is made (:func:`svd_basis`); a
+      randomized one needs a key.
 
   Reference: Rajabi et al., "SubTrack++: Gradient Subspace Tracking for
   Scalable LLM Training" (2025).
@@ -309,7 +353,12 @@ def tracking(
       top_singular,
     )
 
-  return SubspaceRule(init=_svd_basis, update=update, name="tracking")
+  return SubspaceRule(
+    init=svd_basis(svd_method),
+    update=update,
+    needs_key=svd_method == "randomized",
+    name="tracking",
+  )
 
 
 # GrassWalk's default rotation angle per update, from a sweep of 0.05 to pi/2
@@ -326,6 +375,7 @@ def random_walk(
   *,
   tangent_rank: int = 1,
   normalize: bool = True,
+  svd_method: SvdMethod = "exact",
 ) -> SubspaceRule:
   """GrassWalk's random walk on the Grassmannian.
 
@@ -347,6 +397,7 @@ def random_walk(
       step sizes (10 to 10000) into angles of thousands of radians.
     tangent_rank: rank of the tangent per step (1: a rank-1 rotation).
     normalize: see ``step_size``.
+    svd_method: how the first basis is made (:func:`svd_basis`).
 
   Reference: "Principled Randomized Exploration of Gradient Subspaces for
   Efficient LLM Training", Section 3, eq. (2).
@@ -370,7 +421,7 @@ def random_walk(
     )
 
   return SubspaceRule(
-    init=_svd_basis, update=update, needs_key=True, name="random_walk"
+    init=svd_basis(svd_method), update=update, needs_key=True, name="random_walk"
   )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
+import grassjax
 from grassjax import subspace
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -187,3 +188,32 @@ def test_a_tangent_of_rounding_leaves_the_basis_in_place(seed):
   inside = basis @ jax.random.normal(jax.random.fold_in(key, 2), (3, 12))
   tracked = _track(basis, inside)  # the gradient lies in span(S)
   np.testing.assert_allclose(tracked.T @ basis, np.eye(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_randomized_svd_basis_finds_the_top_subspace(seed):
+  """A rank-4 signal under small noise: the randomized range finder's basis
+  spans the exact SVD's top-4 subspace (largest principal angle < 0.01)."""
+  key = jax.random.key(seed)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  signal = jax.random.normal(k1, (24, 4)) @ jax.random.normal(k2, (4, 40))
+  grad = signal + 1e-3 * jax.random.normal(k3, (24, 40))
+  exact = subspace.svd_basis("exact")(grad, 4, None)
+  randomized = subspace.svd_basis("randomized")(grad, 4, k4)
+  np.testing.assert_allclose(randomized.T @ randomized, np.eye(4), atol=1e-5)
+  angles = grassjax.diagnostics.principal_angles(exact, randomized)
+  assert float(angles.max()) < 1e-2
+
+
+def test_randomized_svd_rules_need_a_key():
+  for rule in (
+    subspace.svd("randomized"),
+    subspace.fixed("randomized"),
+    subspace.tracking(svd_method="randomized"),
+  ):
+    assert rule.needs_key
+  assert not subspace.svd().needs_key
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    grassjax.galore(1e-3, rank=4, svd_method="randomized")
+  with pytest.raises(ValueError, match="svd_method"):
+    subspace.svd("lanczos")
