@@ -7,11 +7,14 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+
+# The benchmarks' tables are the example's.
+from examples.llama.report import markdown_table as markdown_table
 
 RESULTS_DIR = Path(__file__).absolute().parent / "results"
 
@@ -76,19 +79,6 @@ def run_budget(cfg) -> str:
     f" tokenizer {cfg.tokenizer}, rank {cfg.rank}, T = {cfg.update_interval},"
     f" lr {cfg.lr}, seed {cfg.seed}"
   )
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A markdown table; floats get 4 significant digits."""
-
-  def cell(value: Any) -> str:
-    if isinstance(value, float):
-      return f"{value:.4g}"
-    return str(value)
-
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
 
 
 def write_results(

@@ -34,23 +34,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from optax.contrib import GaLoreDimensionNumbers
 
 from benchmarks import common
 from benchmarks.speed import OPTIMIZERS, PAPER_RANKS, make_optimizer
 from examples.llama import config as config_lib
+from examples.llama import memory as memory_lib
 from examples.llama import model as model_lib
-from examples.llama import train as train_lib
+from grassjax import diagnostics
 
 MODELS = ("60m", "130m", "350m", "1b", "7b")
 F32 = 4
-
-
-def abstract_params(config: model_lib.LlamaConfig):
-  """The model's parameters as ``ShapeDtypeStruct``s."""
-  model = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
-  return nnx.state(model, nnx.Param)
 
 
 def minimum_state_bytes(params, name: str, rank: int) -> int:
@@ -76,19 +70,19 @@ def state_bytes_table(models) -> list[dict]:
   """State bytes of each optimizer on each config, against the minimum and AdamW."""
   records = []
   for model in models:
-    params = abstract_params(model_lib.get_config(model))
+    params = model_lib.abstract_params(model_lib.get_config(model))
     rank = PAPER_RANKS[model]
     adamw = None
     for name in ("adamw", *OPTIMIZERS):
       tx = make_optimizer(name, rank, update_interval=200)
-      measured = common_bytes(jax.eval_shape(tx.init, params))
+      measured = diagnostics.state_bytes(jax.eval_shape(tx.init, params))
       if name == "adamw":
         adamw = measured
       minimum = minimum_state_bytes(params, name, rank)
       bf16_moments = None
       if name != "adamw":
         tx = make_optimizer(name, rank, update_interval=200, moment_dtype=jnp.bfloat16)
-        bf16_moments = common_bytes(jax.eval_shape(tx.init, params))
+        bf16_moments = diagnostics.state_bytes(jax.eval_shape(tx.init, params))
       records.append(
         {
           "model": model,
@@ -108,13 +102,6 @@ def state_bytes_table(models) -> list[dict]:
   return records
 
 
-def common_bytes(tree) -> int:
-  """Bytes of the arrays of a pytree of ``ShapeDtypeStruct``s."""
-  return sum(
-    math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-  )
-
-
 def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
   """Compiled peak memory of one full training step for each optimizer."""
   records = []
@@ -128,7 +115,7 @@ def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
       batch_size=batch_size,
       seq_len=seq_len,
     )
-    memory = train_lib.step_memory(cfg, config_lib.model_config(cfg, vocab_size=32000))
+    memory = memory_lib.step_memory(cfg, config_lib.model_config(cfg, vocab_size=32000))
     peak, state_bytes = memory["peak"], memory["optimizer_state"]
     if adamw is None:
       adamw = {"peak": peak, "state": state_bytes}
@@ -224,7 +211,7 @@ def scale_table(models) -> list[dict]:
           **settings,
         )
         tx = peer_optimizer(cfg) if name == PEER else None
-        memory = train_lib.step_memory(cfg, config_lib.model_config(cfg, 32000), tx)
+        memory = memory_lib.step_memory(cfg, config_lib.model_config(cfg, 32000), tx)
         fits = [size for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
         records.append(
           {"model": model, "mode": mode, "optimizer": name, **memory, "fits_gib": fits}

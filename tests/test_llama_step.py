@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from examples.llama import config as config_lib
+from examples.llama import memory as memory_lib
+from examples.llama import metrics as metrics_lib
 from examples.llama import sharding as sharding_lib
 from examples.llama import step as step_lib
 from examples.llama import train as train_lib
@@ -35,10 +37,10 @@ def _run(cfg: config_lib.TrainConfig, steps: int, tokens=None):
   energy fractions per step)."""
   model_config = config_lib.model_config(cfg, VOCAB)
   tx = config_lib.make_optimizer(cfg, cfg.steps)
-  graphdefs, abstract = train_lib.abstract_train_state(model_config, tx, cfg.seed)
+  graphdefs, abstract = step_lib.abstract_train_state(model_config, tx, cfg.seed)
   mesh = sharding_lib.make_mesh("none")
   shardings = sharding_lib.state_shardings(abstract, mesh, "none")
-  state = train_lib.init_train_state(model_config, tx, cfg.seed, shardings)
+  state = step_lib.init_train_state(model_config, tx, cfg.seed, shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
   if tokens is None:
@@ -150,7 +152,7 @@ def test_stacked_leaf_step_memory_stays_within_the_state_saving():
     config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB), n_layers=16
   )
   adamw, *low_rank = (
-    train_lib.step_memory(
+    memory_lib.step_memory(
       config_lib.TrainConfig(optimizer=name, **settings), model_config
     )
     for name in ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
@@ -175,13 +177,13 @@ def test_dry_run_prints_the_memory_of_the_step_and_exits(capsys):
 def test_metrics_keep_a_nan_loss_and_drop_the_first_steps_nan_energy(tmp_path):
   from tqdm import tqdm
 
-  log = train_lib.MetricsLog(tmp_path, 0, enabled=False)
+  log = metrics_lib.MetricsLog(tmp_path, 0, enabled=False)
   pending = [
     (1, {"loss": jnp.float32(jnp.nan), "energy_q_proj": jnp.float32(jnp.nan)}),
     (2, {"loss": jnp.float32(1.0), "energy_q_proj": jnp.float32(0.5)}),
   ]
-  train_lib.record_losses(
-    pending, lambda step: step * 0.0, log, train_lib.Throughput(1), tqdm(disable=True)
+  metrics_lib.record_losses(
+    pending, lambda step: step * 0.0, log, metrics_lib.Throughput(1), tqdm(disable=True)
   )
   first, second = log.records
   assert np.isnan(first["loss"]) and "energy_q_proj" not in first

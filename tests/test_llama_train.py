@@ -32,6 +32,7 @@ from examples.llama import config as config_lib
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import sharding as sharding_lib
+from examples.llama import step as step_lib
 from examples.llama import train as train_lib
 from examples.llama.errors import UserError
 
@@ -328,7 +329,7 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
 def test_moment_dtype_sets_the_dtype_of_every_moment(tmp_path):
   def moments(cfg):
     tx = config_lib.make_optimizer(cfg, cfg.steps)
-    _, state = train_lib.abstract_train_state(small_model(), tx, 0)
+    _, state = step_lib.abstract_train_state(small_model(), tx, 0)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     return [x for path, x in leaves if re.search(r"\['[mn]u'\]", keystr(path))]
 
@@ -353,7 +354,8 @@ SHARDED_RUNS = textwrap.dedent(
   import json, sys
   import jax
   from jax.sharding import PartitionSpec as P
-  from examples.llama import config as config_lib, sharding as sharding_lib, train as train_lib
+  from examples.llama import config as config_lib, sharding as sharding_lib, step as step_lib
+  from examples.llama import train as train_lib
   from examples.llama import model as model_lib
 
   assert jax.device_count() == 4, jax.devices()
@@ -369,7 +371,7 @@ SHARDED_RUNS = textwrap.dedent(
   # Under fsdp the moments (r, n) and the basis (m, r) of a projected kernel
   # are split on their own largest axis.
   tx = config_lib.make_optimizer(cfg, cfg.steps)
-  _, state = train_lib.abstract_train_state(model_config, tx, 0)
+  _, state = step_lib.abstract_train_state(model_config, tx, 0)
   shardings = sharding_lib.state_shardings(state, sharding_lib.make_mesh("fsdp"), "fsdp")
   specs = {}
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(state)[0],

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 
 from examples.llama import config as config_lib
+from examples.llama import report
 from examples.llama import train as train_lib
 
 # Flags of the trainer that compare.py sets itself or does not offer.
@@ -55,40 +55,15 @@ def parse_args(
   return config_lib.config_from_args(parser, args), names
 
 
-def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
-  """The comparison as a markdown table, one row per run."""
-  lines = [
-    "| optimizer | final eval loss | perplexity | tokens/s | optimizer state"
-    " (MiB) | ratio to AdamW |",
-    "|---|---:|---:|---:|---:|---:|",
-  ]
-  for s in summaries:
-    rate = "n/a" if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}"
-    lines.append(
-      f"| {s['optimizer']} | {s['final_eval_loss']:.4f} | {s['final_eval_ppl']:.2f}"
-      f" | {rate} | {s['optimizer_state_bytes'] / 2**20:,.2f}"
-      f" | {s['state_bytes_ratio_to_adamw']:.3f} |"
-    )
-  return "\n".join(lines) + "\n"
+# The name ``benchmarks.quality`` imports the table by.
+markdown_table = report.summary_table
 
 
 def plot_comparison(
   results: dict[str, train_lib.RunResult], path: Path, title: str
 ) -> None:
   """All runs' training and validation loss curves in one plot."""
-  # A bare Figure needs no backend and leaves pyplot's state (and a notebook's
-  # inline display) alone.
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(8, 5))
-  ax = fig.subplots()
-  for i, (name, result) in enumerate(results.items()):
-    train_lib.plot_run(ax, result.records, label=name, color=f"C{i}")
-  ax.set(xlabel="step", ylabel="loss", title=title)
-  ax.grid(alpha=0.3)
-  ax.legend(ncol=2, fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  report.plot_losses({name: r.records for name, r in results.items()}, path, title)
 
 
 def compare(
@@ -112,7 +87,7 @@ def compare(
     results[name] = train_lib.train(run_cfg, **train_kwargs)
   if jax.process_index() != 0:
     return results
-  table = markdown_table([r.summary for r in results.values()])
+  table = report.summary_table([r.summary for r in results.values()])
   title = f"{cfg.model}, {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens"
   (out_dir / "compare.md").write_text(f"# {title}\n\n{table}")
   plot_comparison(results, out_dir / "compare.png", title)

@@ -1,4 +1,4 @@
-"""The training step: gradients, clipping, the optimizer, and rounding onto the weights.
+"""The training state and step: gradients, clipping, the optimizer, rounding.
 
 Two ways to take a step, equal in what they compute:
 
@@ -26,6 +26,7 @@ all three.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -54,6 +55,39 @@ class GraphDefs(NamedTuple):
 
   model: nnx.GraphDef
   optimizer: nnx.GraphDef
+
+
+def _build(
+  model_config: model_lib.LlamaConfig, tx: optax.GradientTransformation, seed: int
+) -> tuple[model_lib.Llama, nnx.Optimizer]:
+  model = model_lib.Llama(model_config, rngs=nnx.Rngs(seed))
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def abstract_train_state(
+  model_config: model_lib.LlamaConfig, tx: optax.GradientTransformation, seed: int
+) -> tuple[GraphDefs, TrainState]:
+  """The graph definitions and the shapes of the state, without allocating it."""
+  model, optimizer = nnx.eval_shape(lambda: _build(model_config, tx, seed))
+  model_def, model_state = nnx.split(model)
+  optimizer_def, optimizer_state = nnx.split(optimizer)
+  return GraphDefs(model_def, optimizer_def), TrainState(model_state, optimizer_state)
+
+
+def init_train_state(
+  model_config: model_lib.LlamaConfig,
+  tx: optax.GradientTransformation,
+  seed: int,
+  shardings,
+) -> TrainState:
+  """A freshly initialized state, each array created directly on its shards."""
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init() -> TrainState:
+    model, optimizer = _build(model_config, tx, seed)
+    return TrainState(nnx.state(model), nnx.state(optimizer))
+
+  return init()
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
