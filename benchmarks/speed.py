@@ -35,28 +35,29 @@ from flax import nnx
 
 import grassjax
 from benchmarks import common
+from examples.llama import config as config_lib
 from examples.llama import model as model_lib
 
-OPTIMIZERS = ("galore", "grasswalk", "grassjump", "subtrack_pp")
+OPTIMIZERS = tuple(grassjax.OPTIMIZERS)
 SHAPES = ((512, 1376), (2048, 5461), (4096, 11008))
 RANKS = (128, 256, 512, 1024)
 PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 
 def make_optimizer(name: str, rank: int, update_interval: int, moment_dtype=None):
-  """The optimizer ``name`` as the LLaMA example builds it (no clipping, no schedule)."""
-  if name == "adamw":
-    return optax.adamw(1e-3, weight_decay=0.01)
-  kwargs = dict(
+  """The optimizer ``name`` as the LLaMA example builds it, at a constant rate.
+
+  No clipping, no schedule, weight decay 0.01; ``moment_dtype`` (None:
+  float32) is that of both moments.
+  """
+  cfg = config_lib.TrainConfig(
+    optimizer=name,
     rank=rank,
     update_interval=update_interval,
     weight_decay=0.01,
-    mask=model_lib.low_rank_mask,
-    moment_dtype=moment_dtype,
+    moment_dtype="float32" if moment_dtype is None else jnp.dtype(moment_dtype).name,
   )
-  if name in ("grasswalk", "grassjump"):
-    kwargs["key"] = jax.random.key(0)
-  return getattr(grassjax, name)(1e-3, **kwargs)
+  return config_lib.base_optimizer(cfg, learning_rate=1e-3)
 
 
 def with_count(state, count: int):

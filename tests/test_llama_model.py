@@ -136,7 +136,7 @@ def test_low_rank_mask_projects_attention_and_mlp_kernels_only(scan_layers):
   assert sum(mask) == n_projected
 
   tx = grassjax.grasswalk(
-    1e-3, rank=8, key=jax.random.key(0), mask=model_lib.low_rank_mask
+    1e-3, rank=8, key=jax.random.key(0), projection_mask=model_lib.low_rank_mask
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 

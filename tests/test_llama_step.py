@@ -36,7 +36,7 @@ def _run(cfg: config_lib.TrainConfig, steps: int, tokens=None):
   ``(steps, grad_accum, micro_batch, seq_len + 1)``): (losses, final state,
   energy fractions per step)."""
   model_config = config_lib.model_config(cfg, VOCAB)
-  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  tx = config_lib.make_optimizer(cfg)
   graphdefs, abstract = step_lib.abstract_train_state(model_config, tx, cfg.seed)
   mesh = sharding_lib.make_mesh("none")
   shardings = sharding_lib.state_shardings(abstract, mesh, "none")

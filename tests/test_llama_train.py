@@ -328,7 +328,7 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
 
 def test_moment_dtype_sets_the_dtype_of_every_moment(tmp_path):
   def moments(cfg):
-    tx = config_lib.make_optimizer(cfg, cfg.steps)
+    tx = config_lib.make_optimizer(cfg)
     _, state = step_lib.abstract_train_state(small_model(), tx, 0)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     return [x for path, x in leaves if re.search(r"\['[mn]u'\]", keystr(path))]
@@ -370,7 +370,7 @@ SHARDED_RUNS = textwrap.dedent(
 
   # Under fsdp the moments (r, n) and the basis (m, r) of a projected kernel
   # are split on their own largest axis.
-  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  tx = config_lib.make_optimizer(cfg)
   _, state = step_lib.abstract_train_state(model_config, tx, 0)
   shardings = sharding_lib.state_shardings(state, sharding_lib.make_mesh("fsdp"), "fsdp")
   specs = {}

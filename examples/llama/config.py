@@ -26,8 +26,10 @@ from examples.llama import model as model_lib
 from examples.llama.errors import UserError
 
 DEFAULT_DATA_DIR = str(Path(__file__).absolute().parent / "data")
-OPTIMIZERS = ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
-STEP_SIZE_OPTIMIZERS = ("grasswalk", "subtrack_pp")
+OPTIMIZERS = ("adamw", *grassjax.OPTIMIZERS)
+STEP_SIZE_OPTIMIZERS = tuple(
+  name for name, info in grassjax.OPTIMIZERS.items() if "step_size" in info.defaults
+)
 MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
 CLIPS = ("global", "per-layer", "none")
@@ -350,7 +352,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   )
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """The optimizer of ``cfg.optimizer``, after global-norm clipping if ``cfg.clip``.
 
   The low-rank optimizers project the attention and MLP kernels
@@ -365,12 +367,11 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
   Args:
     cfg: the run's configuration.
-    total_steps: length of the learning-rate schedule.
 
   Returns:
     An ``optax.GradientTransformation``.
   """
-  tx = base_optimizer(cfg, total_steps)
+  tx = base_optimizer(cfg)
   if cfg.scan_layers:
     tx = optax.partition({LAYERS: tx, REST: tx}, param_groups)
   if cfg.clip == "global":
@@ -393,28 +394,33 @@ def param_groups(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(group, params)
 
 
-def base_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  """The optimizer of ``cfg.optimizer`` with the run's schedule and settings."""
-  lr = learning_rate_schedule(dataclasses.replace(cfg, steps=total_steps))
+def base_optimizer(
+  cfg: TrainConfig, learning_rate: optax.ScalarOrSchedule | None = None
+) -> optax.GradientTransformation:
+  """The optimizer of ``cfg.optimizer`` with the run's settings.
+
+  The low-rank optimizers come from :data:`grassjax.OPTIMIZERS`, projecting
+  :func:`model.low_rank_mask`'s kernels; settings left ``None`` in ``cfg``
+  keep the optimizer's default. ``learning_rate`` replaces the run's schedule
+  (:func:`learning_rate_schedule`) when given.
+  """
+  lr = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
   if cfg.optimizer == "adamw":
     return optax.adamw(lr, weight_decay=cfg.weight_decay)
-  low_rank = {
+  info = grassjax.OPTIMIZERS[cfg.optimizer]
+  options = {
     "rank": cfg.rank,
     "update_interval": cfg.update_interval,
     "scale": cfg.scale,
     "weight_decay": cfg.weight_decay,
-    "mask": model_lib.low_rank_mask,
-    "moment_dtype": jnp.dtype(cfg.moment_dtype),
+    "projection_mask": model_lib.low_rank_mask,
+    "mu_dtype": jnp.dtype(cfg.moment_dtype),
     "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
   for name in ("step_size", "adaptive_optimizer", "recovery_scaling"):
     if getattr(cfg, name) is not None:
-      low_rank[name] = getattr(cfg, name)
-  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
-  if cfg.optimizer == "grasswalk":
-    return grassjax.grasswalk(lr, key=key, **low_rank)
-  if cfg.optimizer == "grassjump":
-    return grassjax.grassjump(lr, key=key, **low_rank)
-  if cfg.optimizer == "subtrack_pp":
-    return grassjax.subtrack_pp(lr, **low_rank)
-  return grassjax.galore(lr, **low_rank)
+      options[name] = getattr(cfg, name)
+  key = None
+  if info.needs_key:
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
+  return info.constructor(lr, key=key, **options)

@@ -52,7 +52,7 @@ def step_memory(
   whole-model step).
   """
   if tx is None:
-    tx = config_lib.make_optimizer(cfg, cfg.steps)
+    tx = config_lib.make_optimizer(cfg)
   graphdefs, state = abstract_train_state(model_config, tx, cfg.seed)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   shardings = sharding_lib.state_shardings(state, mesh, cfg.mesh)

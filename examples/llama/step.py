@@ -541,7 +541,7 @@ def whole_model_step(cfg, model, optimizer, batch):
 
 def _group_tx(cfg, group: str) -> optax.GradientTransformation:
   """One group of :func:`config.make_optimizer`'s partition, on its own."""
-  base = config_lib.base_optimizer(cfg, cfg.steps)
+  base = config_lib.base_optimizer(cfg)
   return optax.masked(
     base, lambda p: jax.tree.map(lambda g: g == group, config_lib.param_groups(p))
   )

@@ -144,7 +144,7 @@ def train(
       f" {cfg.micro_batch_size} x {cfg.seq_len + 1} tokens."
     )
 
-  tx = config_lib.make_optimizer(cfg, cfg.steps)
+  tx = config_lib.make_optimizer(cfg)
   checkpoints = None
   if cfg.checkpoint_dir is not None:
     checkpoints = checkpoint_lib.Checkpointer(
