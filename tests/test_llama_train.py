@@ -282,6 +282,8 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
     (["--tokenizer", "t5-base", *out], "--tokenizer byte"),
     (["--out-dir", str(tmp_path / "file")], "is a file"),
     (["--checkpoint-dir", str(tmp_path / "file"), *out], "is a file"),
+    (["--vocab-size", "100", *out], "--vocab-size 100 is smaller than the 259 tokens"),
+    (["--vocab-size", "100", "--dry-run"], "--tokenizer byte: use --vocab-size 259"),
   ):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import grassjax
 from examples.llama import model as model_lib
@@ -312,6 +311,47 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
   )
 
 
+def checked_model_config(
+  cfg: TrainConfig,
+  tokenizer_vocab_size: int,
+  model: model_lib.LlamaConfig | None = None,
+) -> model_lib.LlamaConfig:
+  """The run's model, checked against the tokenizer and ``--rank``.
+
+  Args:
+    cfg: the run's configuration.
+    tokenizer_vocab_size: the tokenizer's vocabulary.
+    model: the model; default: :func:`model_config` with ``--vocab-size``, or
+      the tokenizer's vocabulary.
+
+  Raises:
+    UserError: from :func:`check_vocab_size` or :func:`check_rank`.
+  """
+  if model is None:
+    model = model_config(cfg, cfg.vocab_size or tokenizer_vocab_size)
+  check_vocab_size(cfg, model, tokenizer_vocab_size)
+  check_rank(cfg, model)
+  return model
+
+
+def check_vocab_size(
+  cfg: TrainConfig, model: model_lib.LlamaConfig, tokenizer_vocab_size: int
+) -> None:
+  """Checks the model's vocabulary (``--vocab-size``) against the tokenizer's.
+
+  Raises:
+    UserError: the model has fewer tokens than the tokenizer. Nothing else
+      would notice: the embedding of a larger token id is NaN, and so is the
+      loss.
+  """
+  if model.vocab_size < tokenizer_vocab_size:
+    raise UserError(
+      f"--vocab-size {model.vocab_size} is smaller than the"
+      f" {tokenizer_vocab_size} tokens of --tokenizer {cfg.tokenizer}: use"
+      f" --vocab-size {tokenizer_vocab_size} or more."
+    )
+
+
 def check_rank(cfg: TrainConfig, model: model_lib.LlamaConfig) -> None:
   """Checks ``--rank`` against the projected kernels of ``model``.
 
@@ -322,9 +362,7 @@ def check_rank(cfg: TrainConfig, model: model_lib.LlamaConfig) -> None:
   """
   if cfg.optimizer == "adamw":
     return
-  params = nnx.state(
-    nnx.eval_shape(lambda: model_lib.Llama(model, rngs=nnx.Rngs(0))), nnx.Param
-  )
+  params = model_lib.abstract_params(model)
   smallest = min(
     min(x.shape[-2:])
     for x, projected in zip(

@@ -102,9 +102,8 @@ def format_memory(memory: dict[str, int], devices: int) -> str:
 
 def dry_run(cfg: config_lib.TrainConfig) -> dict[str, int]:
   """``--dry-run``: the step's memory for ``cfg``, printed; returns the figures."""
-  vocab_size = cfg.vocab_size or data_lib.load_tokenizer(cfg.tokenizer).vocab_size
-  model_config = config_lib.model_config(cfg, vocab_size)
-  config_lib.check_rank(cfg, model_config)
+  tokenizer_vocab_size = data_lib.load_tokenizer(cfg.tokenizer).vocab_size
+  model_config = config_lib.checked_model_config(cfg, tokenizer_vocab_size)
   memory = step_memory(cfg, model_config)
   if jax.process_index() == 0:
     n_params = model_lib.param_count(model_config)

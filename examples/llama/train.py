@@ -97,10 +97,11 @@ def train(
 
   Raises:
     UserError: bad input, found before the first step: a path that cannot be
-      written, unusable data, a rank the model's kernels cannot take, a batch
-      that does not split over the devices, checkpoints without
-      ``cfg.resume``, a checkpoint of another configuration
-      (``checkpoint.ConfigMismatchError``) or none readable.
+      written, unusable data, a vocabulary smaller than the tokenizer's, a
+      rank the model's kernels cannot take, a batch that does not split over
+      the devices, checkpoints without ``cfg.resume``, a checkpoint of
+      another configuration (``checkpoint.ConfigMismatchError``) or none
+      readable.
   """
   started = time.perf_counter()
   main_process = jax.process_index() == 0
@@ -113,9 +114,9 @@ def train(
   if main_process:
     check_writable_directory(out_dir, "--out-dir")
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
-  if model_config is None:
-    model_config = config_lib.model_config(cfg, cfg.vocab_size or tokenizer.vocab_size)
-  config_lib.check_rank(cfg, model_config)
+  model_config = config_lib.checked_model_config(
+    cfg, tokenizer.vocab_size, model_config
+  )
   mesh = sharding_lib.make_mesh(cfg.mesh)
   if cfg.micro_batch_size % mesh.size:
     raise UserError(
