@@ -44,11 +44,14 @@ RANKS = (128, 256, 512, 1024)
 PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 
-def make_optimizer(name: str, rank: int, update_interval: int, moment_dtype=None):
+def make_optimizer(
+  name: str, rank: int, update_interval: int, moment_dtype=None, svd_method=None
+):
   """The optimizer ``name`` as the LLaMA example builds it, at a constant rate.
 
   No clipping, no schedule, weight decay 0.01; ``moment_dtype`` (None:
-  float32) is that of both moments.
+  float32) is that of both moments, ``svd_method`` (None: exact) the
+  example's ``--svd-method``.
   """
   cfg = config_lib.TrainConfig(
     optimizer=name,
@@ -56,6 +59,7 @@ def make_optimizer(name: str, rank: int, update_interval: int, moment_dtype=None
     update_interval=update_interval,
     weight_decay=0.01,
     moment_dtype="float32" if moment_dtype is None else jnp.dtype(moment_dtype).name,
+    svd_method=svd_method,
   )
   return config_lib.base_optimizer(cfg, learning_rate=1e-3)
 

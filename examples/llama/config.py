@@ -32,6 +32,7 @@ STEP_SIZE_OPTIMIZERS = tuple(
 MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
 CLIPS = ("global", "per-layer", "none")
+SVD_METHODS = ("exact", "randomized")
 
 
 def _flag(default, help: str, choices: Sequence[str] | None = None):
@@ -66,6 +67,13 @@ class TrainConfig:
   )
   recovery_scaling: bool | None = _flag(
     None, "add the rescaled out-of-subspace gradient; None: the optimizer's default"
+  )
+  svd_method: str | None = _flag(
+    None,
+    "exact or randomized SVD for GaLore's bases and the first basis of"
+    " GrassWalk and SubTrack++ (randomized never gathers a sharded gradient);"
+    " None: exact",
+    SVD_METHODS,
   )
   moment_dtype: str = _flag(
     "float32",
@@ -180,6 +188,18 @@ class TrainConfig:
         )
     if self.vocab_size is not None and self.vocab_size < 1:
       raise ValueError(f"--vocab-size must be > 0, got {self.vocab_size}.")
+    if self.svd_method is not None:
+      if self.svd_method not in SVD_METHODS:
+        raise ValueError(
+          f"unknown --svd-method {self.svd_method!r}; choose from"
+          f" {', '.join(SVD_METHODS)}."
+        )
+      takes = grassjax.OPTIMIZERS.get(self.optimizer)
+      if takes is None or "svd_method" not in takes.defaults:
+        raise ValueError(
+          f"--svd-method applies to galore, grasswalk and subtrack_pp, not"
+          f" {self.optimizer}."
+        )
     if self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS:
       raise ValueError(
         f"--step-size applies to grasswalk and subtrack_pp, not {self.optimizer}."
@@ -204,16 +224,20 @@ class TrainConfig:
   def with_optimizer(self, optimizer: str) -> TrainConfig:
     """This configuration for ``optimizer``, without the settings it does not take.
 
-    ``step_size`` is dropped for optimizers without one, ``adaptive_optimizer``,
+    ``step_size`` and ``svd_method`` are dropped for optimizers without them,
+    ``adaptive_optimizer``,
     ``recovery_scaling``, ``moment_dtype`` and ``basis_dtype`` for AdamW, so one shared
     configuration can run every optimizer.
     """
     keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
     low_rank = optimizer != "adamw"
+    info = grassjax.OPTIMIZERS.get(optimizer)
+    keeps_svd = info is not None and "svd_method" in info.defaults
     return dataclasses.replace(
       self,
       optimizer=optimizer,
       step_size=self.step_size if keeps_step else None,
+      svd_method=self.svd_method if keeps_svd else None,
       adaptive_optimizer=self.adaptive_optimizer if low_rank else None,
       recovery_scaling=self.recovery_scaling if low_rank else None,
       moment_dtype=self.moment_dtype if low_rank else "float32",
@@ -455,10 +479,10 @@ def base_optimizer(
     "mu_dtype": jnp.dtype(cfg.moment_dtype),
     "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
-  for name in ("step_size", "adaptive_optimizer", "recovery_scaling"):
+  for name in ("step_size", "svd_method", "adaptive_optimizer", "recovery_scaling"):
     if getattr(cfg, name) is not None:
       options[name] = getattr(cfg, name)
   key = None
-  if info.needs_key:
+  if info.needs_key or cfg.svd_method == "randomized":
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
   return info.constructor(lr, key=key, **options)
