@@ -305,6 +305,10 @@ def layouts_from_bases(
   ``bases`` is the flat list of a state's bases (``optax.MaskedNode`` for the
   leaves that are not projected), in the order of ``tree``'s leaves; each
   basis's ``(m, r)`` shape fixes the projected side.
+
+  Raises:
+    ValueError: naming the leaf, when a basis does not fit its leaf (the
+      tree and the state do not belong together).
   """
   dims_list = per_leaf(dimension_numbers, tree, "dimension_numbers")
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -313,17 +317,20 @@ def layouts_from_bases(
       f"grassjax: the tree has {len(leaves)} leaves but the optimizer state"
       f" has {len(bases)} bases."
     )
-  return [
-    None
-    if isinstance(basis, optax.MaskedNode)
-    else matrix_layout(
-      jax.tree_util.keystr(path),
-      tuple(jnp.shape(leaf)),
-      dims,
-      projected_size=basis.shape[-2],
-    )
-    for (path, leaf), basis, dims in zip(leaves, bases, dims_list, strict=True)
-  ]
+  layouts = []
+  for (path, leaf), basis, dims in zip(leaves, bases, dims_list, strict=True):
+    if isinstance(basis, optax.MaskedNode):
+      layouts.append(None)
+      continue
+    name, shape = jax.tree_util.keystr(path), tuple(jnp.shape(leaf))
+    layout = matrix_layout(name, shape, dims, projected_size=basis.shape[-2])
+    if basis.shape[:-1] != (*layout.batch_shape, layout.m):
+      raise ValueError(
+        f"grassjax: leaf {name} with shape {shape} does not fit the optimizer"
+        f" state's basis of shape {basis.shape}."
+      )
+    layouts.append(layout)
+  return layouts
 
 
 def for_each_matrix(

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import grassjax
 from grassjax import diagnostics
@@ -60,3 +61,12 @@ def test_state_bytes_of_shapes_only():
   adam = jax.eval_shape(optax.adam(1e-3).init, params)
   assert diagnostics.state_bytes(adam) == 4 * 2 * (64 * 96 + 96) + 4
   assert diagnostics.state_bytes({"k": jax.random.key(0)}) == 8
+
+
+def test_energy_fraction_refuses_gradients_of_another_tree():
+  params = {"a": jnp.ones((8, 16)), "b": jnp.ones((12, 20))}
+  tx = grassjax.galore(1e-3, rank=2)
+  state = tx.init(params)
+  swapped = {"a": jnp.ones((12, 20)), "b": jnp.ones((8, 16))}
+  with pytest.raises(ValueError, match=r"\['a'\].*does not fit"):
+    grassjax.diagnostics.energy_fraction(swapped, state)
