@@ -32,6 +32,7 @@ from benchmarks import common
 from examples.llama import compare as compare_lib
 from examples.llama import config as config_lib
 from examples.llama import train as train_lib
+from examples.llama.errors import reports_user_errors
 
 RULES = {  # subspace rule of each grid row -> the optimizer that uses it
   "svd": "galore",
@@ -80,6 +81,7 @@ def curves(records, points: int = 60) -> dict[str, list]:
   }
 
 
+@reports_user_errors("python -m benchmarks.quality")
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.quality",

@@ -21,10 +21,12 @@ from pathlib import Path
 from benchmarks import common
 from examples.llama import config as config_lib
 from examples.llama import train as train_lib
+from examples.llama.errors import reports_user_errors
 
 ANGLES = (0.05, 0.1, 0.2, 0.5, 1.0, math.pi / 2)
 
 
+@reports_user_errors("python -m benchmarks.walk_angle")
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.walk_angle",

@@ -21,6 +21,7 @@ from pathlib import Path
 from benchmarks import common
 from examples.llama import config as config_lib
 from examples.llama import train as train_lib
+from examples.llama.errors import reports_user_errors
 
 SETTINGS = {
   "float32": dict(param_dtype="float32"),
@@ -34,6 +35,7 @@ SETTINGS = {
 LOW_RANK_ONLY = ("moment_dtype", "basis_dtype")
 
 
+@reports_user_errors("python -m benchmarks.weight_dtype")
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.weight_dtype",

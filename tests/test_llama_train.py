@@ -26,6 +26,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
+from benchmarks import quality, walk_angle, weight_dtype
 from examples.llama import checkpoint as checkpoint_lib
 from examples.llama import compare as compare_lib
 from examples.llama import config as config_lib
@@ -300,6 +301,46 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
   monkeypatch.setattr(train_lib, "train", bug)
   with pytest.raises(ValueError, match="a bug"):
     train_lib.main(small)
+
+
+def test_mesh_none_in_a_multi_process_run_is_a_user_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="a multi-process run needs --mesh dp or fsdp"):
+    sharding_lib.make_mesh("none")
+  monkeypatch.setattr(train_lib, "make_train_step", no_training_step)
+  with pytest.raises(SystemExit) as exit:
+    train_lib.main(["--mesh", "none", "--out-dir", str(tmp_path / "out")])
+  assert str(exit.value.code).startswith(
+    "python -m examples.llama.train: error: --mesh none trains on one device"
+  )
+
+
+def test_every_entry_point_that_trains_reports_user_errors_in_one_line(tmp_path):
+  missing = ["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]
+  error = f"error: data directory {tmp_path / 'missing'} does not exist"
+  for prog, main in (
+    ("python -m examples.llama.compare", compare_lib.main),
+    ("python -m benchmarks.quality", quality.main),
+    ("python -m benchmarks.walk_angle", walk_angle.main),
+    ("python -m benchmarks.weight_dtype", weight_dtype.main),
+  ):
+    with pytest.raises(SystemExit) as exit:
+      main(missing)
+    message = str(exit.value.code)
+    assert message.startswith(f"{prog}: {error}") and "\n" not in message, message
+
+  # From the command line: that line on stderr, exit status 1, no traceback.
+  result = subprocess.run(
+    [sys.executable, "-m", "examples.llama.compare", *missing],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"python -m examples.llama.compare: {error}"), last
 
 
 def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):

@@ -22,6 +22,7 @@ import jax
 from examples.llama import config as config_lib
 from examples.llama import report
 from examples.llama import train as train_lib
+from examples.llama.errors import reports_user_errors
 
 # Flags of the trainer that compare.py sets itself or does not offer.
 _NOT_FLAGS = ("optimizer", "checkpoint_dir", "checkpoint_every", "resume")
@@ -94,6 +95,7 @@ def compare(
   return results
 
 
+@reports_user_errors("python -m examples.llama.compare")
 def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.compare``."""
   cfg, optimizers = parse_args(argv)

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from examples.llama.errors import UserError
+
 
 def make_mesh(kind: str) -> Mesh:
   """The mesh of ``--mesh``: a one-device mesh for ``none``, all devices otherwise.
@@ -33,12 +35,13 @@ def make_mesh(kind: str) -> Mesh:
     A one-axis mesh, its axis named ``"data"`` (none, dp) or ``"fsdp"``.
 
   Raises:
-    ValueError: for ``none`` in a multi-process run.
+    UserError: ``none`` in a multi-process run.
   """
   if kind == "none":
     if jax.process_count() > 1:
-      raise ValueError(
-        "--mesh none trains on one device; a multi-host run needs --mesh dp or fsdp."
+      raise UserError(
+        f"--mesh none trains on one device, and this run has {jax.process_count()}"
+        " processes: a multi-process run needs --mesh dp or fsdp."
       )
     return Mesh(np.array(jax.devices()[:1]), ("data",))
   return Mesh(np.array(jax.devices()), ("fsdp" if kind == "fsdp" else "data",))

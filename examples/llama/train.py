@@ -40,7 +40,11 @@ from examples.llama import metrics as metrics_lib
 from examples.llama import model as model_lib
 from examples.llama import report
 from examples.llama import sharding as sharding_lib
-from examples.llama.errors import UserError, check_writable_directory
+from examples.llama.errors import (
+  UserError,
+  check_writable_directory,
+  reports_user_errors,
+)
 from examples.llama.step import (
   GraphDefs,
   TrainState,
@@ -99,9 +103,9 @@ def train(
     UserError: bad input, found before the first step: a path that cannot be
       written, unusable data, a vocabulary smaller than the tokenizer's, a
       rank the model's kernels cannot take, a batch that does not split over
-      the devices, checkpoints without ``cfg.resume``, a checkpoint of
-      another configuration (``checkpoint.ConfigMismatchError``) or none
-      readable.
+      the devices, ``--mesh none`` in a multi-process run, checkpoints
+      without ``cfg.resume``, a checkpoint of another configuration
+      (``checkpoint.ConfigMismatchError``) or none readable.
   """
   started = time.perf_counter()
   main_process = jax.process_index() == 0
@@ -236,18 +240,16 @@ def train(
   return RunResult(summary, metrics.records)
 
 
+@reports_user_errors("python -m examples.llama.train")
 def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.train``."""
   cfg = config_lib.parse_args(argv)
   if cfg.distributed:
     jax.distributed.initialize()
-  try:
-    if cfg.dry_run:
-      memory_lib.dry_run(cfg)
-      return
-    result = train(cfg)
-  except UserError as err:  # bad input: say what is wrong, without a traceback
-    raise SystemExit(f"python -m examples.llama.train: error: {err}") from None
+  if cfg.dry_run:
+    memory_lib.dry_run(cfg)
+    return
+  result = train(cfg)
   if jax.process_index() == 0:
     print(report.format_summary(result.summary))
     print(f"  outputs             {cfg.out_dir}/")
