@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import GaLoreDimensionNumbers
 
+import grassjax
 from benchmarks import common
 from benchmarks.speed import OPTIMIZERS, PAPER_RANKS, make_optimizer
 from examples.llama import config as config_lib
@@ -53,9 +54,10 @@ def minimum_state_bytes(params, name: str, rank: int) -> int:
     return 2 * F32 * sum(math.prod(p.shape) for p in jax.tree.leaves(params)) + 4
   low_rank = jax.tree.leaves(model_lib.low_rank_mask(params))
   total = 4  # the step count
-  if name in ("grasswalk", "grassjump"):
+  info = grassjax.OPTIMIZERS[name]
+  if info.needs_key:
     total += 8  # the PRNG key, two uint32
-  recovery = name != "galore"
+  recovery = info.defaults["recovery_scaling"]
   for p, projected in zip(jax.tree.leaves(params), low_rank, strict=True):
     if projected:
       *batch, a, b = p.shape

@@ -53,9 +53,7 @@ def _run(cfg: config_lib.TrainConfig, steps: int, tokens=None):
   return np.array(losses), state, energy
 
 
-@pytest.mark.parametrize(
-  "optimizer", ["adamw", "galore", "grasswalk", "grassjump", "subtrack_pp"]
-)
+@pytest.mark.parametrize("optimizer", config_lib.OPTIMIZERS)
 def test_fused_update_equals_unfused(optimizer):
   cfg = config_lib.TrainConfig(optimizer=optimizer, **RUN)
   unfused_losses, unfused, unfused_energy = _run(cfg, 20)
@@ -155,7 +153,7 @@ def test_stacked_leaf_step_memory_stays_within_the_state_saving():
     memory_lib.step_memory(
       config_lib.TrainConfig(optimizer=name, **settings), model_config
     )
-    for name in ("adamw", "galore", "grasswalk", "grassjump", "subtrack_pp")
+    for name in config_lib.OPTIMIZERS
   )
   for memory in low_rank:
     assert memory["peak"] - adamw["peak"] <= (

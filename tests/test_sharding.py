@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import grassjax
+
 SCRIPT = textwrap.dedent(
   """
     import jax, jax.numpy as jnp, numpy as np, optax
@@ -36,10 +38,9 @@ SCRIPT = textwrap.dedent(
                 for i, (n, p) in enumerate(sorted(params.items()))}
 
     optimizers = {
-        "grasswalk": grassjax.grasswalk(1e-2, rank=4, key=key, update_interval=2),
-        "grassjump": grassjax.grassjump(1e-2, rank=4, key=key, update_interval=2),
-        "subtrack_pp": grassjax.subtrack_pp(1e-2, rank=4, update_interval=2),
-        "galore": grassjax.galore(1e-2, rank=4, update_interval=2),
+        name: info.constructor(1e-2, rank=4, key=key if info.needs_key else None,
+                               update_interval=2)
+        for name, info in grassjax.OPTIMIZERS.items()
     }
     for name, tx in optimizers.items():
         def run(params, shard):
@@ -77,5 +78,5 @@ def test_sharded_run_equals_unsharded_run():
     [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
   )
   assert result.returncode == 0, result.stdout + result.stderr
-  for name in ("grasswalk", "grassjump", "subtrack_pp", "galore"):
+  for name in grassjax.OPTIMIZERS:
     assert f"{name} ok" in result.stdout

@@ -39,11 +39,12 @@ def _grads(step: int, params):
   }
 
 
+# Every preset of the registry, at rank RANK (a key where it needs one).
 OPTIMIZERS = {
-  "grasswalk": lambda **kw: grassjax.grasswalk(1e-2, rank=RANK, key=KEY, **kw),
-  "grassjump": lambda **kw: grassjax.grassjump(1e-2, rank=RANK, key=KEY, **kw),
-  "subtrack_pp": lambda **kw: grassjax.subtrack_pp(1e-2, rank=RANK, **kw),
-  "galore": lambda **kw: grassjax.galore(1e-2, rank=RANK, **kw),
+  name: functools.partial(
+    info.constructor, 1e-2, rank=RANK, key=KEY if info.needs_key else None
+  )
+  for name, info in grassjax.OPTIMIZERS.items()
 }
 
 
@@ -209,7 +210,7 @@ class TestAliases:
 def test_inject_hyperparams_needs_only_the_structural_arguments_given(name, static):
   params = {k: v for k, v in _params().items() if k in ("wide", "bias")}
   factory = getattr(grassjax, name)
-  extra = {"key": KEY} if name in ("grasswalk", "grassjump") else {}
+  extra = {"key": KEY} if grassjax.OPTIMIZERS[name].needs_key else {}
   injected = optax.inject_hyperparams(factory, static_args=static)(
     learning_rate=1e-2, rank=RANK, update_interval=2, **extra
   )
@@ -328,7 +329,7 @@ def test_stacked_leaf_equals_independent_matrices():
     np.testing.assert_allclose(stacked["s"][i], update["s"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["grasswalk", "grassjump", "subtrack_pp", "galore"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_layer_slice_update_equals_that_slice_of_the_stack_update(name):
   # The per-layer (fused) update: slice l of every stacked leaf and of the
   # per-parameter state, the same count and PRNG keys as the whole stack.
