@@ -20,6 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from grassjax import _checks
@@ -224,11 +225,21 @@ def matrix_layout(
 def per_leaf(spec: Any, tree: Any, name: str) -> list:
   """Flattens an optax-style per-parameter spec (value, pytree or callable).
 
-  A bool, ``None`` or :class:`MatrixDimensionNumbers` applies to every leaf.
+  ``None`` or one :class:`MatrixDimensionNumbers` applies to every leaf; a
+  lone bool only to a one-leaf tree.
   """
   treedef = jax.tree.structure(tree)
   if callable(spec):
     spec = spec(tree)
+  single = isinstance(spec, (bool, jax.Array, np.ndarray, np.bool_))
+  if single and treedef.num_leaves > 1:
+    # Also what optax.inject_hyperparams hands over for a callable it was not
+    # told is static: it calls it as a schedule, with the step count.
+    raise ValueError(
+      f"grassjax: `{name}` is {spec!r}, one value for {treedef.num_leaves}"
+      " parameters: give a pytree or a callable of the parameters (with"
+      " optax.inject_hyperparams, name a callable in static_args)."
+    )
   if spec is None or isinstance(spec, (bool, MatrixDimensionNumbers)):
     return [spec] * treedef.num_leaves
   try:

@@ -488,7 +488,10 @@ def test_default_mask_leaves_small_and_1d_leaves_to_adam():
   (An explicit mask is covered in test_transform.py.)
   """
   shapes = {"wide": (4, 6), "narrow": (3, 8), "bias": (6,)}
-  tx = grassjax.scale_by_subspace_adam(MIXING_RULE, rank=RANK, update_interval=2)
+  # scale != 1: it multiplies the projected update only, never plain Adam's.
+  tx = grassjax.scale_by_subspace_adam(
+    MIXING_RULE, rank=RANK, update_interval=2, scale=0.25
+  )
   adam = optax.scale_by_adam()
   grads = gradients(shapes, steps=4, seed=8)
   state, adam_state = tx.init(grads[0]), adam.init(grads[0])

@@ -785,3 +785,18 @@ def test_docstring_examples_run(module):
 
   result = doctest.testmod(importlib.import_module(f"grassjax.{module}"))
   assert result.failed == 0
+
+
+def test_a_callable_mask_left_to_inject_hyperparams_is_named():
+  """inject_hyperparams calls a non-static callable with the step count."""
+  mask = lambda params: jax.tree.map(lambda p: p.ndim == 2, params)  # noqa: E731
+  tx = optax.inject_hyperparams(grassjax.galore, static_args=("rank",))(
+    learning_rate=1e-2, rank=RANK, projection_mask=mask
+  )
+  with pytest.raises(ValueError, match=r"projection_mask.*static_args"):
+    tx.init(_params())
+  static = optax.inject_hyperparams(
+    grassjax.galore, static_args=("rank", "projection_mask")
+  )(learning_rate=1e-2, rank=RANK, projection_mask=mask)
+  state = static.init(_params())
+  assert not isinstance(state.inner_state[0].basis["wide"], optax.MaskedNode)

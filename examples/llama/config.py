@@ -33,6 +33,8 @@ MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
 CLIPS = ("global", "per-layer", "none")
 SVD_METHODS = ("exact", "randomized")
+# The flags that place a process in a multi-process run: all or none.
+PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
 def _flag(default, help: str, choices: Sequence[str] | None = None):
@@ -136,7 +138,26 @@ class TrainConfig:
     " (allocates nothing, reads no data)",
   )
   distributed: bool = _flag(
-    False, "call jax.distributed.initialize() first (multi-host runs)"
+    False,
+    "join a multi-process run (jax.distributed) first: from --coordinator-address,"
+    " --num-processes and --process-id, or what the cluster (SLURM, Open MPI,"
+    " Cloud TPU, ...) provides when they are not given",
+  )
+  coordinator_address: str | None = _flag(
+    None, "HOST:PORT where process 0 serves the coordinator (with --distributed)"
+  )
+  num_processes: int | None = _flag(
+    None, "processes in the run (with --distributed and --coordinator-address)"
+  )
+  process_id: int | None = _flag(
+    None, "this process's index, 0 to --num-processes - 1 (with --distributed)"
+  )
+  data_streams: int | None = _flag(
+    None,
+    "independent packed streams of training data, each reading its own shards"
+    " and filling its own equal share of the rows of every micro-batch; each"
+    " process reads only its streams. The data order depends on this number"
+    " alone, not on the devices or processes. None: one per process",
   )
   log_every: int = _flag(10, "steps between progress-bar and loss updates")
 
@@ -206,6 +227,17 @@ class TrainConfig:
       )
     if self.resume and self.checkpoint_dir is None:
       raise ValueError("--resume needs --checkpoint-dir.")
+    self._check_processes()
+    if self.data_streams is not None:
+      if self.data_streams < 1:
+        raise ValueError(f"--data-streams must be > 0, got {self.data_streams}.")
+      if self.micro_batch_size % self.data_streams:
+        raise ValueError(
+          f"--data-streams {self.data_streams} does not divide the micro-batch of"
+          f" {self.micro_batch_size} sequences (--batch-size {self.batch_size} /"
+          f" --grad-accum {self.grad_accum}): each stream fills an equal share of"
+          " its rows."
+        )
     for name, choices in (
       ("optimizer", OPTIMIZERS),
       ("model", tuple(model_lib.CONFIGS)),
@@ -220,6 +252,40 @@ class TrainConfig:
         raise ValueError(
           f"unknown --{name} {getattr(self, name)!r}; choose from {', '.join(choices)}."
         )
+
+  def _check_processes(self) -> None:
+    """Checks the flags that place this process in a multi-process run."""
+    given = [
+      f"--{_flag_name(name)}"
+      for name in PROCESS_FLAGS
+      if getattr(self, name) is not None
+    ]
+    if not given:
+      return
+    if not self.distributed:
+      raise ValueError(
+        f"{', '.join(given)} without --distributed: add --distributed to join a"
+        " multi-process run."
+      )
+    if len(given) != len(PROCESS_FLAGS):
+      raise ValueError(
+        "--coordinator-address, --num-processes and --process-id go together"
+        f" (got only {', '.join(given)}); give none of them to take all three"
+        " from the cluster."
+      )
+    host, _, port = self.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(
+        f"--coordinator-address {self.coordinator_address!r} is not HOST:PORT"
+        " (a port from 1 to 65535)."
+      )
+    if self.num_processes < 1:
+      raise ValueError(f"--num-processes must be > 0, got {self.num_processes}.")
+    if not 0 <= self.process_id < self.num_processes:
+      raise ValueError(
+        f"--process-id must be in [0, {self.num_processes}) for --num-processes"
+        f" {self.num_processes}, got {self.process_id}."
+      )
 
   def with_optimizer(self, optimizer: str) -> TrainConfig:
     """This configuration for ``optimizer``, without the settings it does not take.
@@ -425,7 +491,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   the per-layer update of ``--fused-update`` applies the ``layers`` group one
   block at a time, and the unfused step uses the same partition so that both
   compute the same thing. Per-layer clipping is the training step's (see
-  ``train.clip_per_layer``).
+  ``step.clip_per_layer``).
 
   Args:
     cfg: the run's configuration.
