@@ -1,36 +1,45 @@
-"""Quality: short LLaMA pre-training runs of every optimizer and the ablation grid.
+"""Quality: LLaMA pre-training runs of every optimizer over seeds and learning rates.
 
-    python -m benchmarks.quality                       # tiny model, shipped sample
-    python -m benchmarks.quality --steps 2000 --model 60m --data-dir /data/c4
+    python -m benchmarks.quality                      # tiny model, shipped sample
+    python -m benchmarks.quality --ablation           # and the 16-cell grid
+    python -m benchmarks.quality --model 60m --steps 2000 --data-dir /data/c4
 
 Every run is the LLaMA example's trainer (:func:`examples.llama.train.train`)
-with the same data, seed, token budget and settings; only the optimizer
-changes. Two sets:
+with the same data, token budget and settings; the optimizer, its learning
+rate and the seed (model init, data order, subspaces) change. Each optimizer
+of ``grassjax.OPTIMIZERS`` and AdamW, at its defaults, runs for every
+learning rate of ``--lrs`` and seed of ``--seeds``; it is then compared at
+its best learning rate (the lowest mean final eval loss over the seeds).
 
-* **optimizers**: adamw, galore, subtrack_pp, grasswalk, grassjump, each with
-  its defaults;
-* **ablation**: the 16 cells of the grid in Table 1 of "Principled Randomized
-  Exploration of Gradient Subspaces for Efficient LLM Training": 4 subspace
-  rules (svd as in GaLore, tracking as in SubTrack++, random walk as in
-  GrassWalk, random jump as in GrassJump) x adaptive optimizer on/off x
-  recovery scaling on/off. A cell that equals one of the optimizers' default
-  runs reuses it.
+``--ablation`` adds the 16 cells of the grid in Table 1 of "Principled
+Randomized Exploration of Gradient Subspaces for Efficient LLM Training" (4
+subspace rules x adaptive optimizer on/off x recovery scaling on/off), each
+at the learning rate its rule's optimizer does best with, for the seeds of
+``--ablation-seeds``.
 
-Writes ``benchmarks/results/quality-<platform>.{json,md}`` (final eval loss and
-perplexity per run, the budget in the heading) and ``quality-<platform>.png``
-(the curves of the optimizers).
+A run is kept in ``--out-dir/<name>/`` and reused while its ``summary.json``
+holds the same configuration, so an interrupted benchmark continues where it
+stopped. Writes ``benchmarks/results/quality-<platform>.{json,md}`` (one
+record per run, with ``optimizer``, ``seed``, ``lr``) and
+``quality-<platform>.png`` (each optimizer at its best learning rate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+import grassjax
 from benchmarks import common
-from examples.llama import compare as compare_lib
 from examples.llama import config as config_lib
+from examples.llama import report as report_lib
 from examples.llama import train as train_lib
 from examples.llama.errors import reports_user_errors
 
@@ -40,33 +49,67 @@ RULES = {  # subspace rule of each grid row -> the optimizer that uses it
   "random_walk": "grasswalk",
   "random_jump": "grassjump",
 }
-DEFAULTS = {"galore": (False, False)}  # (AO, RS); the others default to on, on
 
 
-def run_name(optimizer: str, ao: bool, rs: bool) -> str:
-  """A run's directory name; optimizers at their defaults keep their plain name."""
-  if DEFAULTS.get(optimizer, (True, True)) == (ao, rs):
-    return optimizer
-  return f"{optimizer}-ao{int(ao)}-rs{int(rs)}"
+def _defaults(optimizer: str) -> tuple[bool | None, bool | None]:
+  """The (AO, RS) an optimizer takes by default; ``None`` for AdamW."""
+  if optimizer == "adamw":
+    return None, None
+  defaults = grassjax.OPTIMIZERS[optimizer].defaults
+  return defaults["adaptive_optimizer"], defaults["recovery_scaling"]
 
 
-def run(cfg: config_lib.TrainConfig, optimizer: str, ao, rs, out_dir: Path, cache):
-  """Trains one run (or returns it from ``cache``); returns its summary and records."""
-  name = "adamw" if optimizer == "adamw" else run_name(optimizer, ao, rs)
-  if name not in cache:
-    run_cfg = dataclasses.replace(
-      cfg.with_optimizer(optimizer),
-      adaptive_optimizer=None if optimizer == "adamw" else ao,
-      recovery_scaling=None if optimizer == "adamw" else rs,
-      out_dir=str(out_dir / name),
-    )
-    cache[name] = train_lib.train(run_cfg, progress=True)
-    summary = cache[name].summary
+def run_name(optimizer: str, lr: float, seed: int, ao=None, rs=None) -> str:
+  """A run's directory name; the AO/RS switches appear only off-default."""
+  name = f"{optimizer}-lr{lr:g}-seed{seed}"
+  if (ao, rs) != (None, None) and (ao, rs) != _defaults(optimizer):
+    name += f"-ao{int(ao)}-rs{int(rs)}"
+  return name
+
+
+def run(
+  cfg: config_lib.TrainConfig,
+  optimizer: str,
+  lr: float,
+  seed: int,
+  out_dir: Path,
+  ao: bool | None = None,
+  rs: bool | None = None,
+) -> dict[str, Any]:
+  """One run's record, trained now or read back from an earlier one."""
+  name = run_name(optimizer, lr, seed, ao, rs)
+  if ao is None:
+    ao, rs = _defaults(optimizer)
+  run_cfg = dataclasses.replace(
+    cfg.with_optimizer(optimizer),
+    lr=lr,
+    seed=seed,
+    adaptive_optimizer=ao,
+    recovery_scaling=rs,
+    out_dir=str(out_dir / name),
+  )
+  summary_path = out_dir / name / "summary.json"
+  earlier = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  if earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(run_cfg))):
+    summary = earlier
+    lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+  else:
+    summary, records = train_lib.train(run_cfg, progress=True)
     print(
-      f"{name:24s} eval loss {summary['final_eval_loss']:.4f}"
+      f"{name:36s} eval loss {summary['final_eval_loss']:.4f}"
       f"  ({summary['wall_seconds']:.0f} s)"
     )
-  return name, cache[name]
+  return {
+    "run": name,
+    "optimizer": optimizer,
+    "lr": lr,
+    "seed": seed,
+    "adaptive_optimizer": ao,
+    "recovery_scaling": rs,
+    **{k: v for k, v in summary.items() if k not in ("config", "optimizer")},
+    "curves": curves(records),
+  }
 
 
 def curves(records, points: int = 60) -> dict[str, list]:
@@ -81,13 +124,126 @@ def curves(records, points: int = 60) -> dict[str, list]:
   }
 
 
+def _losses(records: Sequence[dict], **match) -> list[float]:
+  return [
+    r["final_eval_loss"] for r in records if all(r[k] == v for k, v in match.items())
+  ]
+
+
+def _mean_std(losses: Sequence[float]) -> str:
+  if len(losses) < 2:
+    return f"{losses[0]:.4f}"
+  return f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
+
+
+def best_lrs(records: Sequence[dict], lrs: Sequence[float]) -> dict[str, float]:
+  """Each optimizer's learning rate of lowest mean final eval loss."""
+  optimizers = dict.fromkeys(r["optimizer"] for r in records)
+  return {
+    name: min(
+      lrs, key=lambda lr: statistics.mean(_losses(records, optimizer=name, lr=lr))
+    )
+    for name in optimizers
+  }
+
+
+def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
+  """``"yes"`` if two mean losses differ by more than twice the standard
+  error of their difference (each spread taken from its seeds), else
+  ``"no"``; ``"n/a"`` with fewer than two seeds."""
+  if min(len(a), len(b)) < 2:
+    return "n/a"
+  error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+  return "yes" if abs(statistics.mean(a) - statistics.mean(b)) > 2 * error else "no"
+
+
+def tables(
+  records: Sequence[dict], lrs: Sequence[float], best: dict[str, float]
+) -> str:
+  """The learning-rate grid, the comparison at the best rates, the ablation."""
+  main = [r for r in records if "ablation" not in r]
+  optimizers = list(best)
+  grid = [
+    (name, *(_mean_std(_losses(main, optimizer=name, lr=lr)) for lr in lrs))
+    for name in optimizers
+  ]
+  out = "## Final eval loss by learning rate, mean ± std over seeds\n\n"
+  out += common.markdown_table(("optimizer", *(f"lr {lr:g}" for lr in lrs)), grid)
+  adamw = _losses(main, optimizer="adamw", lr=best["adamw"])
+  rows = []
+  for name in optimizers:
+    losses = _losses(main, optimizer=name, lr=best[name])
+    diff = statistics.mean(losses) - statistics.mean(adamw)
+    noise = "" if name == "adamw" else beyond_noise(losses, adamw)
+    rows.append(
+      (
+        name,
+        f"{best[name]:g}",
+        _mean_std(losses),
+        f"{min(losses):.4f} to {max(losses):.4f}",
+        "" if name == "adamw" else f"{diff:+.4f}",
+        noise,
+      )
+    )
+  out += "\n## Each optimizer at its best learning rate\n\n"
+  out += common.markdown_table(
+    (
+      "optimizer",
+      "best lr",
+      "final eval loss",
+      "range over seeds",
+      "vs AdamW",
+      "beyond seed noise",
+    ),
+    rows,
+  )
+  ablation = [r for r in records if "ablation" in r]
+  if ablation:
+    header = (
+      "subspace rule",
+      "lr",
+      *(f"AO {a}, RS {b}" for a in ("off", "on") for b in ("off", "on")),
+    )
+    cells = [
+      (
+        rule,
+        f"{best[optimizer]:g}",
+        *(
+          _mean_std(
+            _losses(ablation, ablation=rule, adaptive_optimizer=ao, recovery_scaling=rs)
+          )
+          for ao in (False, True)
+          for rs in (False, True)
+        ),
+      )
+      for rule, optimizer in RULES.items()
+    ]
+    seeds = sorted({r["seed"] for r in ablation})
+    out += (
+      f"\n## Ablation grid: final eval loss (seeds {', '.join(map(str, seeds))};"
+      f" AdamW at its best lr: {_mean_std(adamw)})\n\n"
+      + common.markdown_table(header, cells)
+    )
+  return out + "\n"
+
+
+def _floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",")]
+
+
 @reports_user_errors("python -m benchmarks.quality")
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.quality",
-    "Short pre-training runs of every optimizer and the 16-cell ablation grid.",
+    "Pre-training runs of every optimizer over seeds and learning rates.",
     exclude=(
       "optimizer",
+      "lr",
+      "seed",
       "checkpoint_dir",
       "checkpoint_every",
       "resume",
@@ -95,73 +251,56 @@ def main(argv=None) -> None:
       "recovery_scaling",
     ),
   )
-  parser.add_argument("--skip-ablation", action="store_true")
+  parser.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
+  parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+  parser.add_argument("--ablation", action="store_true")
+  parser.add_argument("--ablation-seeds", type=_ints, default=[0])
   parser.set_defaults(out_dir="runs/quality")
-  cfg = config_lib.config_from_args(parser, args := parser.parse_args(argv))
+  args = parser.parse_args(argv)
+  cfg = config_lib.config_from_args(parser, args)
   out_dir = Path(cfg.out_dir)
-  cache: dict[str, train_lib.RunResult] = {}
 
-  main_runs = {}
-  for optimizer in config_lib.OPTIMIZERS:
-    ao, rs = DEFAULTS.get(optimizer, (True, True))
-    name, result = run(cfg, optimizer, ao, rs, out_dir, cache)
-    main_runs[name] = result
-  grid = []
-  if not args.skip_ablation:
+  records = [
+    run(cfg, optimizer, lr, seed, out_dir)
+    for optimizer in config_lib.OPTIMIZERS
+    for lr in args.lrs
+    for seed in args.seeds
+  ]
+  best = best_lrs(records, args.lrs)
+  if args.ablation:
     for rule, optimizer in RULES.items():
       for ao in (False, True):
         for rs in (False, True):
-          name, result = run(cfg, optimizer, ao, rs, out_dir, cache)
-          grid.append((rule, ao, rs, name, result.summary["final_eval_loss"]))
+          for seed in args.ablation_seeds:
+            record = run(cfg, optimizer, best[optimizer], seed, out_dir, ao, rs)
+            records.append({**record, "ablation": rule})
 
-  tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-  budget = common.run_budget(cfg)
-  tables = f"Budget: {budget}.\n\n## Optimizers\n\n" + compare_lib.markdown_table(
-    [r.summary for r in main_runs.values()]
-  )
-  if grid:
-    cells = {(rule, ao, rs): loss for rule, ao, rs, _, loss in grid}
-    header = (
-      "subspace rule",
-      "AO off, RS off",
-      "AO off, RS on",
-      "AO on, RS off",
-      "AO on, RS on",
-    )
-    rows = [
-      (
-        rule,
-        *(f"{cells[rule, ao, rs]:.4f}" for ao in (False, True) for rs in (False, True)),
-      )
-      for rule in RULES
-    ]
-    tables += (
-      "\n## Ablation grid: final eval loss (AdamW: "
-      f"{main_runs['adamw'].summary['final_eval_loss']:.4f})\n\n"
-      + common.markdown_table(header, rows)
-    )
-  records = [
-    {
-      "run": name,
-      **{k: v for k, v in r.summary.items() if k != "config"},
-      "adaptive_optimizer": r.summary["config"]["adaptive_optimizer"],
-      "recovery_scaling": r.summary["config"]["recovery_scaling"],
-      "curves": curves(r.records),
-    }
-    for name, r in cache.items()
-  ]
+  budget = common.run_budget(cfg).rsplit(", lr", 1)[0]
+  text = f"Budget: {budget}; learning rates {args.lrs}, seeds {args.seeds}.\n\n"
+  text += tables(records, args.lrs, best)
   meta = {
     "budget": budget,
+    "lrs": args.lrs,
+    "seeds": args.seeds,
+    "best_lr": best,
     "config": {
       **dataclasses.asdict(cfg),
       "data_dir": common.display_path(cfg.data_dir),
     },
   }
-  path = common.write_results("quality", meta, records, tables)
-  compare_lib.plot_comparison(
-    main_runs, path.with_suffix(".png"), f"LLaMA {cfg.model}, {tokens:,} tokens"
+  path = common.write_results("quality", meta, records, text)
+  best_runs = {}
+  for name, lr in best.items():
+    seed = args.seeds[0]
+    lines = (out_dir / run_name(name, lr, seed) / "metrics.jsonl").read_text()
+    best_runs[f"{name} (lr {lr:g})"] = [json.loads(x) for x in lines.splitlines()]
+  tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+  report_lib.plot_losses(
+    best_runs,
+    path.with_suffix(".png"),
+    f"LLaMA {cfg.model}, {tokens:,} tokens, best lr, seed {args.seeds[0]}",
   )
-  print(f"\n{tables}\nwrote {path}, {path.with_suffix('.md')} and the plot")
+  print(f"\n{text}wrote {path}, {path.with_suffix('.md')} and the plot")
 
 
 if __name__ == "__main__":
