@@ -1,25 +1,31 @@
-"""Speed: optimizer step time against optax.adamw, and subspace-update cost against SVD.
+"""Speed: the optimizer step against optax.contrib.galore and AdamW, the whole
+training step against AdamW, and the subspace update against an SVD.
 
-    python -m benchmarks.speed                 # everything (CPU: ~7 minutes)
+    python -m benchmarks.speed                 # everything (CPU: ~15 minutes)
     python -m benchmarks.speed --quick         # smaller model and shapes
 
-Two measurements, each the median wall time of a compiled call:
+Three measurements, each the median wall time of compiled calls:
 
-1. **Optimizer step.** ``tx.update`` and ``optax.apply_updates`` on the
-   parameters of a LLaMA config (default ``60m``; the attention and MLP
-   kernels projected at the papers' rank, everything else AdamW), run in a
-   jitted ``fori_loop`` with donated state, as a training loop runs them (see
-   :func:`step_times`): the time of a step that keeps the basis, of one that
-   updates it, and the amortized time over the update interval ``T``. Ratios
-   are to ``optax.adamw`` on the same parameters. The target is an amortized
-   ratio within 1.10.
-2. **Subspace update.** One ``update`` of each rule of :mod:`grassjax.subspace`
+1. **Optimizer step on the projected matrices.** ``tx.update`` and
+   ``optax.apply_updates`` on the attention and MLP kernels of a LLaMA config
+   (default ``60m``, unscanned; every kernel projected at the papers' rank),
+   where all of a low-rank optimizer's extra work lives, run in a jitted
+   ``fori_loop`` with donated state (:func:`step_times`): the time of a step
+   that keeps the basis, of one that updates it, and the amortized time over
+   the interval ``T``. ``optax.contrib.galore`` and ``optax.adamw`` run in
+   the same process, taking turns. Target: every grassjax optimizer at or
+   below the peer's amortized time.
+2. **Whole training step.** The LLaMA example's jitted step (forward,
+   backward, update) for ``tiny`` and ``60m``, as a ratio to AdamW's, rounds
+   of ``T`` steps taking turns (:func:`train_step_records`). Target: 1.03.
+3. **Subspace update.** One ``update`` of each rule of :mod:`grassjax.subspace`
    on a ``(m, n)`` gradient, against GaLore's SVD (``svd()``), at ranks 128 to
-   1024. The target is random_walk and random_jump at least 10x cheaper than the
-   SVD on the largest shape.
+   1024.
 
 Results go to ``benchmarks/results/speed-<platform>.{json,md}`` (``speed-quick-``
-with ``--quick``, so a quick look never overwrites a full run).
+with ``--quick``, so a quick look never overwrites a full run), stamped with
+the device: CPU timings vary about 3x between machines, so only ratios
+measured in one run compare.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +45,18 @@ import grassjax
 from benchmarks import common
 from examples.llama import config as config_lib
 from examples.llama import model as model_lib
+from examples.llama import sharding as sharding_lib
+from examples.llama import step as step_lib
 
 OPTIMIZERS = tuple(grassjax.OPTIMIZERS)
 SHAPES = ((512, 1376), (2048, 5461), (4096, 11008))
 RANKS = (128, 256, 512, 1024)
 PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+# The whole training step's batch (sequences, tokens) and interval per model:
+# the example's defaults for tiny; for 60m a batch a CPU steps through in
+# about a second, with a shorter interval so that a round holds an update.
+TRAIN_BATCH = {"tiny": (16, 128), "60m": (4, 128)}
+TRAIN_INTERVAL = {"tiny": 50, "60m": 10}
 
 
 def make_optimizer(
@@ -106,9 +121,13 @@ def time_donated(compiled, grads, state, params) -> float:
 
 
 def step_times(
-  model: str, update_interval: int, loop_steps: int, rounds: int
-) -> list[dict]:
-  """Per-step optimizer times on ``model``'s parameters, for each optimizer.
+  params: Any,
+  optimizers: Mapping[str, optax.GradientTransformation],
+  update_interval: int,
+  loop_steps: int,
+  rounds: int,
+) -> dict[str, dict[str, float]]:
+  """Per-step times of ``tx.update`` on ``params`` for each optimizer.
 
   The keep step (the basis is kept) is the time of a donated loop of
   ``loop_steps`` such steps over ``loop_steps``; the optimizers' loops take
@@ -117,18 +136,13 @@ def step_times(
   keep step plus the difference between one ``tx.update`` call that updates
   the basis and one that keeps it (single calls, whose fixed costs cancel).
   The amortized step over ``T = update_interval`` is ``keep + (update - keep)
-  / T``.
+  / T``. Returns ``{name: {keep_step_s, update_step_s, amortized_s}}``.
   """
-  config = model_lib.get_config(model)
-  params = nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
   grads = jax.tree.map(
     lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params
   )
-  rank = PAPER_RANKS[model]
-  names = ("adamw", *OPTIMIZERS)
   setups = {}
-  for name in names:
-    tx = make_optimizer(name, rank, update_interval)
+  for name, tx in optimizers.items():
     _, state = jax.jit(tx.update)(grads, tx.init(params), params)  # makes the bases
     keep_state = with_count(state, 1)  # steps 2 .. loop_steps + 1 keep the basis
     one_keep, one_update = (
@@ -137,37 +151,164 @@ def step_times(
     )
     loop = training_loop(tx, loop_steps).lower(grads, keep_state, params).compile()
     setups[name] = (loop, keep_state, one_update - one_keep)  # update's extra cost
-  loop_seconds = {name: [] for name in names}
+  loop_seconds = {name: [] for name in optimizers}
   for _ in range(rounds):
     for name, (loop, state, _) in setups.items():
       loop_seconds[name].append(time_donated(loop, grads, state, params))
-
-  records = []
-  for name in names:
-    extra = setups[name][2]
+  times = {}
+  for name, (_, _, extra) in setups.items():
     keep = statistics.median(loop_seconds[name]) / loop_steps
-    move = keep + extra
-    amortized = keep + extra / update_interval
-    if name == "adamw":
-      adamw_seconds = amortized
+    times[name] = {
+      "keep_step_s": keep,
+      "update_step_s": keep + extra,
+      "amortized_s": keep + extra / update_interval,
+      "loop_s": loop_seconds[name],
+    }
+  return times
+
+
+def projected_matrices(model: str) -> dict[str, jax.Array]:
+  """The attention and MLP kernels of ``model`` (unscanned), by path.
+
+  These are the matrices every low-rank optimizer projects, so the extra work
+  of the optimizers lives here: what a 1b or 7b model is made of, without
+  the embedding and head that plain Adam updates in every optimizer.
+  """
+  config = model_lib.get_config(model)
+  params = nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  mask = jax.tree.leaves(model_lib.low_rank_mask(params))
+  return {
+    jax.tree_util.keystr(path): leaf
+    for (path, leaf), projected in zip(leaves, mask, strict=True)
+    if projected
+  }
+
+
+def matrix_optimizers(rank: int, update_interval: int) -> dict[str, Any]:
+  """AdamW, optax.contrib.galore and grassjax's optimizers on bare matrices.
+
+  Same rank, interval, scale and weight decay for all; every matrix is
+  projected (the default mask). ``galore, longer side`` projects as the peer
+  does (moments ``r x min(m, n)``).
+  """
+  shared = dict(rank=rank, update_interval=update_interval, weight_decay=0.01)
+  optimizers = {
+    "optax.adamw": optax.adamw(1e-3, weight_decay=0.01),
+    "optax.contrib.galore": optax.contrib.galore(
+      1e-3,
+      rank=rank,
+      update_proj_gap=update_interval,
+      scale=0.25,
+      weight_decay=0.01,
+    ),
+  }
+  for name, info in grassjax.OPTIMIZERS.items():
+    key = jax.random.key(0) if info.needs_key else None
+    optimizers[name] = info.constructor(1e-3, key=key, **shared)
+  optimizers["galore, longer side"] = grassjax.galore(
+    1e-3, projected_side="longer", **shared
+  )
+  return optimizers
+
+
+def matrix_step_records(
+  model: str, update_interval: int, loop_steps: int, rounds: int
+) -> list[dict]:
+  """The optimizer step on ``model``'s projected matrices, against the peer."""
+  rank = PAPER_RANKS[model]
+  times = step_times(
+    projected_matrices(model),
+    matrix_optimizers(rank, update_interval),
+    update_interval,
+    loop_steps,
+    rounds,
+  )
+  adamw = times["optax.adamw"]["amortized_s"]
+  peer = times["optax.contrib.galore"]["amortized_s"]
+  records = []
+  for name, t in times.items():
     records.append(
       {
+        "table": "matrices",
         "optimizer": name,
         "model": model,
         "rank": rank,
         "update_interval": update_interval,
-        "keep_step_s": keep,
-        "update_step_s": move,
-        "amortized_s": amortized,
-        "amortized_ratio_to_adamw": amortized / adamw_seconds,
-        "keep_ratio_to_adamw": keep / adamw_seconds,
-        "loop_steps": loop_steps,
-        "loop_s": loop_seconds[name],
+        **t,
+        "amortized_ratio_to_adamw": t["amortized_s"] / adamw,
+        "amortized_ratio_to_peer": t["amortized_s"] / peer,
       }
     )
     print(
-      f"step  {name:12s} keep {keep * 1e3:9.2f} ms  update {move * 1e3:9.2f} ms"
-      f"  amortized {amortized / adamw_seconds:6.3f}x adamw"
+      f"matrices {name:22s} keep {t['keep_step_s'] * 1e3:8.2f} ms  amortized"
+      f" {t['amortized_s'] * 1e3:8.2f} ms  {t['amortized_s'] / peer:6.3f}x peer"
+    )
+  return records
+
+
+def train_step_records(
+  model: str, batch_size: int, seq_len: int, update_interval: int, rounds: int
+) -> list[dict]:
+  """The whole training step (forward, backward, update) per optimizer.
+
+  The example's jitted step on random tokens, ``update_interval`` steps per
+  timed round (so each round holds exactly one subspace update, after the
+  first step that makes the bases), rounds taking turns across optimizers;
+  the median round over ``update_interval`` is the amortized step.
+  """
+  rounds_seconds, records = {}, []
+  steps = {}
+  for name in config_lib.OPTIMIZERS:
+    cfg = config_lib.TrainConfig(
+      optimizer=name,
+      model=model,
+      rank=PAPER_RANKS[model],
+      update_interval=update_interval,
+      batch_size=batch_size,
+      seq_len=seq_len,
+    )
+    model_config = config_lib.model_config(cfg, vocab_size=256)
+    tx = config_lib.make_optimizer(cfg)
+    graphdefs, abstract = step_lib.abstract_train_state(model_config, tx, 0)
+    mesh = sharding_lib.make_mesh("none")
+    shardings = sharding_lib.state_shardings(abstract, mesh, "none")
+    batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
+    step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
+    state = step_lib.init_train_state(model_config, tx, 0, shardings)
+    tokens = jax.random.randint(
+      jax.random.key(1), (1, batch_size, seq_len + 1), 0, 256, jnp.int32
+    )
+    state, _ = jax.block_until_ready(step(state, tokens))  # compiles, makes bases
+    steps[name] = (step, state, tokens)
+    rounds_seconds[name] = []
+  for _ in range(rounds):
+    for name, (step, state, tokens) in steps.items():
+      start = time.perf_counter()
+      for _ in range(update_interval):
+        state, metrics = step(state, tokens)
+      jax.block_until_ready((state, metrics))
+      rounds_seconds[name].append(time.perf_counter() - start)
+      steps[name] = (step, state, tokens)
+  adamw = statistics.median(rounds_seconds["adamw"]) / update_interval
+  for name, seconds in rounds_seconds.items():
+    amortized = statistics.median(seconds) / update_interval
+    records.append(
+      {
+        "table": "train_step",
+        "optimizer": name,
+        "model": model,
+        "rank": PAPER_RANKS[model],
+        "update_interval": update_interval,
+        "batch": [batch_size, seq_len],
+        "amortized_s": amortized,
+        "amortized_ratio_to_adamw": amortized / adamw,
+        "round_s": seconds,
+      }
+    )
+    print(
+      f"train step {model:4s} {name:12s} {amortized * 1e3:9.2f} ms"
+      f"  {amortized / adamw:6.3f}x adamw"
     )
   return records
 
@@ -214,15 +355,24 @@ def rule_update_times(
   return records
 
 
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:.2f}"
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="60m", choices=tuple(PAPER_RANKS))
-  parser.add_argument("--update-interval", type=int, default=200)
+  parser.add_argument("--update-interval", type=int, default=100)
   parser.add_argument(
-    "--loop-steps", type=int, default=20, help="steps per timed training loop"
+    "--loop-steps", type=int, default=20, help="steps per timed optimizer loop"
   )
   parser.add_argument(
     "--rounds", type=int, default=5, help="timed loops per optimizer, taking turns"
+  )
+  parser.add_argument(
+    "--train-models",
+    default="tiny,60m",
+    help="models whose whole training step is timed",
   )
   parser.add_argument(
     "--repeats", type=int, default=10, help="timed calls per subspace update"
@@ -233,19 +383,41 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   model = "tiny" if args.quick else args.model
   shapes = SHAPES[:1] if args.quick else SHAPES
+  train_models = ["tiny"] if args.quick else args.train_models.split(",")
 
-  steps = step_times(model, args.update_interval, args.loop_steps, args.rounds)
+  matrices = matrix_step_records(
+    model, args.update_interval, args.loop_steps, args.rounds
+  )
+  train_steps = [
+    record
+    for name in train_models
+    for record in train_step_records(
+      name, *TRAIN_BATCH[name], TRAIN_INTERVAL[name], rounds=3
+    )
+  ]
   rules = rule_update_times(shapes, RANKS, args.repeats)
 
-  step_rows = [
+  matrix_rows = [
     (
       r["optimizer"],
-      r["keep_step_s"] * 1e3,
-      r["update_step_s"] * 1e3,
-      r["amortized_s"] * 1e3,
-      r["amortized_ratio_to_adamw"],
+      _ms(r["keep_step_s"]),
+      _ms(r["update_step_s"]),
+      _ms(r["amortized_s"]),
+      f"{r['amortized_ratio_to_peer']:.3f}",
+      f"{r['amortized_ratio_to_adamw']:.3f}",
     )
-    for r in steps
+    for r in matrices
+  ]
+  train_rows = [
+    (
+      r["model"],
+      f"{r['batch'][0]} x {r['batch'][1]}",
+      r["update_interval"],
+      r["optimizer"],
+      _ms(r["amortized_s"]),
+      f"{r['amortized_ratio_to_adamw']:.3f}",
+    )
+    for r in train_steps
   ]
   rule_rows = [
     (
@@ -258,17 +430,23 @@ def main(argv=None) -> None:
     for r in rules
   ]
   tables = (
-    f"## Optimizer step, LLaMA {model} parameters (rank {PAPER_RANKS[model]},"
-    f" T = {args.update_interval})\n\n"
+    f"## Optimizer step on the projected matrices of LLaMA {model}"
+    f" (rank {PAPER_RANKS[model]}, T = {args.update_interval})\n\n"
     + common.markdown_table(
       (
         "optimizer",
         "keep step (ms)",
         "update step (ms)",
         "amortized (ms)",
-        "amortized / adamw",
+        "amortized / optax.contrib.galore",
+        "amortized / optax.adamw",
       ),
-      step_rows,
+      matrix_rows,
+    )
+    + "\n## Whole training step (forward, backward, update), byte vocabulary\n\n"
+    + common.markdown_table(
+      ("model", "batch", "T", "optimizer", "amortized step (ms)", "/ adamw"),
+      train_rows,
     )
     + "\n## One subspace update\n\n"
     + common.markdown_table(
@@ -277,8 +455,13 @@ def main(argv=None) -> None:
   )
   path = common.write_results(
     "speed-quick" if args.quick else "speed",
-    {"model": model, "update_interval": args.update_interval, "quick": args.quick},
-    steps + rules,
+    {
+      "command": "python -m benchmarks.speed" + (" --quick" if args.quick else ""),
+      "model": model,
+      "update_interval": args.update_interval,
+      "quick": args.quick,
+    },
+    matrices + train_steps + rules,
     tables,
   )
   print(f"\nwrote {path} and {path.with_suffix('.md')}")
