@@ -33,6 +33,7 @@ MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
 CLIPS = ("global", "per-layer", "none")
 SVD_METHODS = ("exact", "randomized")
+PROJECTED_SIDES = ("shorter", "longer")
 # The flags that place a process in a multi-process run: all or none.
 PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
@@ -76,6 +77,13 @@ class TrainConfig:
     " GrassWalk and SubTrack++ (randomized never gathers a sharded gradient);"
     " None: exact",
     SVD_METHODS,
+  )
+  projected_side: str = _flag(
+    "shorter",
+    "which side of each kernel the low-rank optimizers project: shorter (the"
+    " papers': moments r x max) or longer (as optax.contrib.galore: moments"
+    " r x min)",
+    PROJECTED_SIDES,
   )
   moment_dtype: str = _flag(
     "float32",
@@ -187,8 +195,12 @@ class TrainConfig:
         "--adaptive-optimizer and --recovery-scaling apply to the low-rank"
         " optimizers, not adamw."
       )
-    for name in ("moment_dtype", "basis_dtype"):
-      if self.optimizer == "adamw" and getattr(self, name) != "float32":
+    for name, default in (
+      ("moment_dtype", "float32"),
+      ("basis_dtype", "float32"),
+      ("projected_side", "shorter"),
+    ):
+      if self.optimizer == "adamw" and getattr(self, name) != default:
         raise ValueError(
           f"--{_flag_name(name)} applies to the low-rank optimizers, not adamw."
         )
@@ -247,6 +259,7 @@ class TrainConfig:
       ("moment_dtype", DTYPES),
       ("basis_dtype", DTYPES),
       ("clip", CLIPS),
+      ("projected_side", PROJECTED_SIDES),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
@@ -290,9 +303,9 @@ class TrainConfig:
   def with_optimizer(self, optimizer: str) -> TrainConfig:
     """This configuration for ``optimizer``, without the settings it does not take.
 
-    ``step_size`` and ``svd_method`` are dropped for optimizers without them,
-    ``adaptive_optimizer``,
-    ``recovery_scaling``, ``moment_dtype`` and ``basis_dtype`` for AdamW, so one shared
+    ``step_size`` and ``svd_method`` are dropped for optimizers without them;
+    ``adaptive_optimizer``, ``recovery_scaling``, ``moment_dtype``,
+    ``basis_dtype`` and ``projected_side`` for AdamW. So one shared
     configuration can run every optimizer.
     """
     keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
@@ -308,6 +321,7 @@ class TrainConfig:
       recovery_scaling=self.recovery_scaling if low_rank else None,
       moment_dtype=self.moment_dtype if low_rank else "float32",
       basis_dtype=self.basis_dtype if low_rank else "float32",
+      projected_side=self.projected_side if low_rank else "shorter",
     )
 
   @property
@@ -542,6 +556,7 @@ def base_optimizer(
     "scale": cfg.scale,
     "weight_decay": cfg.weight_decay,
     "projection_mask": model_lib.low_rank_mask,
+    "projected_side": cfg.projected_side,
     "mu_dtype": jnp.dtype(cfg.moment_dtype),
     "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
