@@ -90,7 +90,7 @@ def run(
   )
   summary_path = out_dir / name / "summary.json"
   earlier = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-  if earlier.get("config") == json.loads(json.dumps(dataclasses.asdict(run_cfg))):
+  if same_config(earlier.get("config"), run_cfg):
     summary = earlier
     lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -110,6 +110,20 @@ def run(
     **{k: v for k, v in summary.items() if k not in ("config", "optimizer")},
     "curves": curves(records),
   }
+
+
+def same_config(recorded: dict | None, cfg: config_lib.TrainConfig) -> bool:
+  """Whether a run recorded with configuration ``recorded`` is a run of ``cfg``.
+
+  A field the record lacks (it predates the field) counts as its default.
+  """
+  if recorded is None:
+    return False
+  current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+  return set(recorded) <= set(current) and all(
+    recorded.get(name, defaults[name]) == value for name, value in current.items()
+  )
 
 
 def curves(records, points: int = 60) -> dict[str, list]:
