@@ -15,18 +15,22 @@ import numpy as np
 
 
 def positive_int(name: str, value: Any) -> int:
-  """``value``, a Python or NumPy integer ``>= 1``, as an int; else a ValueError.
+  """``value``, a Python or NumPy integer ``>= 1``, as an int, or a ValueError.
 
   Such arguments fix array shapes, so they cannot be traced.
   """
   if (
-    isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    isinstance(value, (int, np.integer))
+    and not isinstance(value, bool)
+    and value >= 1
   ):
     return int(value)
   hint = ""
   if isinstance(value, jax.Array):
     hint = " (with optax.inject_hyperparams, name it in static_args)"
-  raise ValueError(f"grassjax: {name} must be an int >= 1, got {value!r}{hint}.")
+  raise ValueError(
+    f"grassjax: {name} must be an int >= 1, got {value!r}{hint}."
+  )
 
 
 def update_interval(value: Any) -> int | jax.Array:
@@ -63,7 +67,9 @@ def step_size(value: jax.typing.ArrayLike) -> None:
   except TypeError:  # traced, as under optax.inject_hyperparams
     return
   if not (math.isfinite(known) and known >= 0):
-    raise ValueError(f"grassjax: step_size must be finite and >= 0, got {value!r}.")
+    raise ValueError(
+      f"grassjax: step_size must be finite and >= 0, got {value!r}."
+    )
 
 
 def as_dtype(name: str, value: jax.typing.DTypeLike | None) -> jnp.dtype | None:

@@ -133,9 +133,13 @@ def low_rank_adamw(
   )
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = (
-    () if no_decay else (optax.add_decayed_weights(weight_decay, weight_decay_mask),)
+    ()
+    if no_decay
+    else (optax.add_decayed_weights(weight_decay, weight_decay_mask),)
   )
-  return optax.chain(subspace_adam, *decay, optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+    subspace_adam, *decay, optax.scale_by_learning_rate(learning_rate)
+  )
 
 
 def _preset(

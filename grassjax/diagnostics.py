@@ -1,4 +1,4 @@
-"""Diagnostics of low-rank training: energy fraction, subspace motion, state size.
+"""Diagnostics of low-rank training: energy fraction, subspace motion, bytes.
 
 All functions are pure and jit-compatible (except :func:`state_bytes`, which
 reads only shapes) and return arrays, so they can be computed inside a training
@@ -37,7 +37,8 @@ def find_subspace_state(opt_state: Any) -> SubspaceAdamState:
   ]
   if len(found) != 1:
     raise ValueError(
-      f"grassjax: expected one SubspaceAdamState in the optimizer state, found {len(found)}."
+      "grassjax: expected one SubspaceAdamState in the optimizer state,"
+      f" found {len(found)}."
     )
   return found[0]
 
@@ -106,13 +107,15 @@ def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
   direction, ``pi / 2`` for an orthogonal one. Batched: ``A`` and ``B`` are
   ``(..., m, r)`` and the result is ``(..., r)``.
   """
-  cosines = jnp.linalg.svd(jnp.swapaxes(basis_a, -1, -2) @ basis_b, compute_uv=False)
+  cosines = jnp.linalg.svd(
+    jnp.swapaxes(basis_a, -1, -2) @ basis_b, compute_uv=False
+  )
   # Singular values come in descending order, so the angles ascend.
   return jnp.arccos(jnp.clip(cosines, -1.0, 1.0))
 
 
 def subspace_motion(previous_state: Any, state: Any) -> optax.Updates:
-  """Largest principal angle between each projected parameter's old and new bases.
+  """The largest principal angle between each parameter's old and new basis.
 
   Args:
     previous_state: optimizer state before a step.
@@ -126,7 +129,9 @@ def subspace_motion(previous_state: Any, state: Any) -> optax.Updates:
   new = find_subspace_state(state).basis
   return jax.tree.map(
     lambda a, b: (
-      None if isinstance(a, optax.MaskedNode) else principal_angles(a, b)[..., -1]
+      None
+      if isinstance(a, optax.MaskedNode)
+      else principal_angles(a, b)[..., -1]
     ),
     old,
     new,

@@ -142,7 +142,9 @@ class MatrixLayout:
     """One view as the canonical ``(m, n)`` matrix."""
     return view if self.side == 0 else view.T
 
-  def project(self, basis: jax.Array, view: jax.Array, dtype: Any = None) -> jax.Array:
+  def project(
+    self, basis: jax.Array, view: jax.Array, dtype: Any = None
+  ) -> jax.Array:
     """``S^T G`` ``(..., r, n)`` from (a stack of) views, in float32.
 
     The operands are cast to ``dtype`` first when it is given (bfloat16
@@ -153,7 +155,9 @@ class MatrixLayout:
       basis, view = basis.astype(dtype), view.astype(dtype)
     return jnp.einsum(spec, basis, view, preferred_element_type=jnp.float32)
 
-  def expand(self, basis: jax.Array, low: jax.Array, dtype: Any = None) -> jax.Array:
+  def expand(
+    self, basis: jax.Array, low: jax.Array, dtype: Any = None
+  ) -> jax.Array:
     """``S X`` for ``X`` ``(r, n)``, in the view's layout, in float32."""
     spec = "mr,rn->mn" if self.side == 0 else "mr,rn->nm"
     if dtype is not None:
@@ -165,7 +169,8 @@ class MatrixLayout:
     return jnp.sum(x, axis=self.side)
 
   def scale_columns(self, view: jax.Array, scales: jax.Array) -> jax.Array:
-    """Multiplies column ``i`` of ``G`` (in the view's layout) by ``scales[i]``."""
+    """Multiplies column ``i`` of ``G`` (in the view's layout) by
+    ``scales[i]``."""
     return view * (scales[None, :] if self.side == 0 else scales[:, None])
 
 
@@ -288,7 +293,9 @@ def projection_layouts(
   dims_list = per_leaf(dimension_numbers, params, "dimension_numbers")
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   layouts = []
-  for (path, leaf), masked_in, dims in zip(leaves, masks, dims_list, strict=True):
+  for (path, leaf), masked_in, dims in zip(
+    leaves, masks, dims_list, strict=True
+  ):
     name, shape = jax.tree_util.keystr(path), tuple(jnp.shape(leaf))
     layout = None
     if projection_mask is None:

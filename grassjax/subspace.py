@@ -1,11 +1,12 @@
-"""Subspace rules and Grassmannian geometry.
+r"""Subspace rules and Grassmannian geometry.
 
 Every function here works on one matrix in *canonical orientation*: a gradient
 ``G`` of shape ``(m, n)`` with ``m <= n`` and an orthonormal basis ``S`` of
 shape ``(m, r)`` whose columns span the rank-``r`` subspace the gradient is
-projected on (``S^T G`` has shape ``(r, n)``). :func:`grassjax.scale_by_subspace_adam`
-hands each rule one matrix at a time in that orientation (transposing a tall
-one, looping over stacked layers), so rules never see batch axes.
+projected on (``S^T G`` has shape ``(r, n)``).
+:func:`grassjax.scale_by_subspace_adam` hands each rule one matrix at a time in
+that orientation (transposing a tall one, looping over stacked layers), so rules
+never see batch axes.
 
 A :class:`SubspaceRule` is two pure functions:
 
@@ -22,11 +23,13 @@ the first SVD basis forever. Writing another rule takes two functions; see
 
 The geometry follows Bendokat, Zimmermann and Absil, "A Grassmann manifold
 handbook: basic geometry and computational aspects" (Advances in Computational
-Mathematics, 2024, doi:10.1007/s10444-023-10090-8): a tangent vector at ``S`` is an ``(m, r)`` matrix ``H`` with
-``S^T H = 0``, and with the thin SVD ``H = U Sigma V^T`` the geodesic leaving
-``S`` along ``H`` is
+Mathematics, 2024, doi:10.1007/s10444-023-10090-8): a tangent vector at
+``S`` is an ``(m, r)`` matrix ``H`` with ``S^T H = 0``, and with the thin SVD
+``H = U Sigma V^T`` the geodesic leaving ``S`` along ``H`` is
 
-    S(tau) = S V cos(Sigma tau) V^T + U sin(Sigma tau) V^T + S (I - V V^T).
+.. math::
+  S(\tau) = S V \cos(\Sigma \tau) V^\top + U \sin(\Sigma \tau) V^\top
+    + S (I - V V^\top).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def orthonormalize(x: jax.Array) -> jax.Array:
 
 
 def tangent(basis: jax.Array, x: jax.Array) -> jax.Array:
-  """Projects ``x`` ``(m, r)`` on the tangent space at ``basis``: ``(I - S S^T) x``."""
+  """Projects ``x`` ``(m, r)`` on the tangent space at ``basis``:
+  ``(I - S S^T) x``."""
   return x - basis @ (basis.T @ x)
 
 
@@ -108,11 +112,16 @@ def geodesic(
   v: jax.Array,
   step_size: jax.typing.ArrayLike,
 ) -> jax.Array:
-  """Moves ``basis`` along the Grassmann geodesic of the tangent ``U Sigma V^T``.
+  r"""Moves ``basis`` along the Grassmann geodesic of tangent ``U Sigma V^T``.
 
-  Computes ``S(tau) = S V cos(Sigma tau) V^T + U sin(Sigma tau) V^T
-  + S (I - V V^T)`` as ``S + (S V (cos(Sigma tau) - 1) + U sin(Sigma tau)) V^T``,
-  which costs ``O(m r k)`` instead of ``O(m r^2)``.
+  Computes
+
+  .. math::
+    S(\tau) = S V \cos(\Sigma \tau) V^\top + U \sin(\Sigma \tau) V^\top
+      + S (I - V V^\top)
+
+  as :math:`S + (S V (\cos(\Sigma \tau) - I) + U \sin(\Sigma \tau))
+  V^\top`, which costs ``O(m r k)`` instead of ``O(m r^2)``.
 
   Args:
     basis: ``S``, ``(m, r)`` with orthonormal columns.
@@ -130,8 +139,11 @@ def geodesic(
   return basis + moved @ v.T
 
 
-def top_singular(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-``k`` singular triplets ``(U (m, k), sigma (k,), V (r, k))`` of ``x`` (m, r)."""
+def top_singular(
+  x: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-``k`` singular triplets ``(U (m, k), sigma (k,), V (r, k))`` of
+  ``x`` ``(m, r)``."""
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
   return u[:, :k], s[:k], vt[:k].T
 
@@ -156,8 +168,8 @@ def randomized_svd(
     x: the ``(m, r)`` matrix.
     k: number of triplets, ``k <= min(m, r)``.
     key: PRNG key of the Gaussian test matrix ``Omega``.
-    oversample: extra columns of ``Omega`` beyond ``k``, which make the top-``k``
-      triplets accurate when the spectrum decays slowly.
+    oversample: extra columns of ``Omega`` beyond ``k``, which make the
+      top-``k`` triplets accurate when the spectrum decays slowly.
     power_iters: ``q``, passes of ``x x^T`` that sharpen a flat spectrum.
 
   Returns:
@@ -220,8 +232,11 @@ def _step_along(
 # ----------------------------------------------------------------------------
 
 
-def _svd_basis(grad: jax.Array, rank: int, key: jax.Array | None = None) -> jax.Array:
-  """Top-``rank`` left singular vectors of ``grad`` (``m <= n``, cost O(m^2 n))."""
+def _svd_basis(
+  grad: jax.Array, rank: int, key: jax.Array | None = None
+) -> jax.Array:
+  """Top-``rank`` left singular vectors of ``grad`` ``(m, n)``, cost
+  ``O(m^2 n)`` for ``m <= n``."""
   del key
   u, _, _ = jnp.linalg.svd(grad, full_matrices=False)
   return u[:, :rank]
@@ -302,21 +317,23 @@ def tracking(
   normalize: bool = False,
   svd_method: SvdMethod = "exact",
 ) -> SubspaceRule:
-  """SubTrack++'s Grassmannian subspace tracking.
+  r"""SubTrack++'s Grassmannian subspace tracking.
 
   Lowers the projection error ``F(S) = ||G - S A||_F^2`` with ``A = S^T G``
   (the least-squares fit) by one geodesic step. The Riemannian gradient of
   ``F`` at ``S`` is ``-2 R A^T`` with ``R = G - S A``; the step follows the
-  *descent* direction
+  *descent* direction, ``(m, r)`` with :math:`S^\top H = 0`,
 
-      H = 2 R A^T = 2 (G A^T - S (A A^T))        (m, r), S^T H = 0,
+  .. math::
+    H = 2 R A^\top = 2 (G A^\top - S (A A^\top)),
 
-  restricted to its top-``tangent_rank`` singular triplet (rank 1 in the papers), and
-  moves ``S`` by :func:`geodesic` with ``tau = step_size``. ``G A^T`` is
-  formed without the ``(m, n)`` residual. The basis is re-orthonormalized
-  (:func:`orthonormalize`) after each step. The first basis is the SVD one.
-  Singular values of ``H`` under ``1e-4 ||2 G A^T||_F`` are rounding and count
-  as zero, so a gradient inside ``span(S)`` leaves the basis where it is.
+  restricted to its top-``tangent_rank`` singular triplets (one in the
+  papers), and moves ``S`` by :func:`geodesic` with ``tau = step_size``.
+  ``G A^T`` is formed without the ``(m, n)`` residual. The basis is
+  re-orthonormalized (:func:`orthonormalize`) after each step. The first basis
+  is the SVD one. Singular values of ``H`` under ``1e-4 ||2 G A^T||_F`` are
+  rounding and count as zero, so a gradient inside ``span(S)`` leaves the basis
+  where it is.
 
   The sign: the SubTrack-Grad paper's eq. (6) steps along ``+grad F``, which
   raises the error; the SubTrack++ algorithm uses ``-grad F``, as here.
@@ -392,9 +409,10 @@ def random_walk(
       step in radians: ``Sigma`` is rescaled to unit Frobenius norm, so a
       rank-1 walk rotates one direction of the subspace by exactly
       ``step_size``. Default :data:`DEFAULT_WALK_ANGLE` (``pi / 2``, chosen by
-      a sweep; see its comment). With ``normalize=False`` the raw Gaussian scale is kept
-      (the papers' literal reading), where ``sigma ~ sqrt(m)`` turns the tables'
-      step sizes (10 to 10000) into angles of thousands of radians.
+      a sweep; see its comment). With ``normalize=False`` the raw Gaussian
+      scale is kept (the papers' literal reading), where ``sigma ~ sqrt(m)``
+      turns the tables' step sizes (10 to 10000) into angles of thousands of
+      radians.
     tangent_rank: rank of the tangent per step (1: a rank-1 rotation).
     normalize: see ``step_size``.
     svd_method: how the first basis is made (:func:`svd_basis`).
@@ -421,7 +439,10 @@ def random_walk(
     )
 
   return SubspaceRule(
-    init=svd_basis(svd_method), update=update, needs_key=True, name="random_walk"
+    init=svd_basis(svd_method),
+    update=update,
+    needs_key=True,
+    name="random_walk",
   )
 
 
@@ -440,8 +461,12 @@ def random_jump() -> SubspaceRule:
   Efficient LLM Training", Section 3.
   """
   return SubspaceRule(
-    init=lambda grad, rank, key: _random_basis((grad.shape[0], rank), grad.dtype, key),
-    update=lambda basis, grad, key: _random_basis(basis.shape, basis.dtype, key),
+    init=lambda grad, rank, key: _random_basis(
+      (grad.shape[0], rank), grad.dtype, key
+    ),
+    update=lambda basis, grad, key: _random_basis(
+      basis.shape, basis.dtype, key
+    ),
     needs_key=True,
     name="random_jump",
   )

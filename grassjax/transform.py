@@ -92,7 +92,8 @@ KEEP, INIT, MOVE = 0, 1, 2
 
 
 def _basis_branch(count, offset, update_interval) -> jax.Array:
-  """``INIT`` on the first step, ``MOVE`` every ``update_interval``, else ``KEEP``."""
+  """``INIT`` on the first step, ``MOVE`` every ``update_interval``, else
+  ``KEEP``."""
   due = (count + offset) % update_interval == 0
   return jnp.where(count == 0, INIT, jnp.where(due, MOVE, KEEP))
 
@@ -122,14 +123,18 @@ def _next_basis(
     return current, mu, nu
 
   def init():
-    new = config.rule.init(layout.canonical(grad).astype(jnp.float32), config.rank, key)
+    new = config.rule.init(
+      layout.canonical(grad).astype(jnp.float32), config.rank, key
+    )
     return new.astype(stored).astype(jnp.float32), mu, nu
 
   def move():
     start = current
     if stored != jnp.float32:
       start = subspace_lib.orthonormalize(current)
-    new = config.rule.update(start, layout.canonical(grad).astype(jnp.float32), key)
+    new = config.rule.update(
+      start, layout.canonical(grad).astype(jnp.float32), key
+    )
     new = new.astype(stored).astype(jnp.float32)
     if not config.adaptive_optimizer:
       return new, mu, nu
@@ -166,7 +171,9 @@ def _matrix_step(
   """
   c = config
   t = optax.safe_increment(count)
-  basis_f32, mu, nu = _next_basis(c, layout, branch, count, grad, mu, nu, basis, key)
+  basis_f32, mu, nu = _next_basis(
+    c, layout, branch, count, grad, mu, nu, basis, key
+  )
   grad_low = layout.project(basis_f32, grad, c.projection_dtype)
   mu = ((1 - c.b1) * grad_low + c.b1 * mu.astype(jnp.float32)).astype(mu.dtype)
   nu_new = (1 - c.b2) * jnp.square(grad_low) + c.b2 * nu.astype(jnp.float32)
@@ -381,7 +388,10 @@ def _init_state(config: _Config, params: optax.Params) -> SubspaceAdamState:
     recovery_scaling=config.step.recovery_scaling,
   )
   leaves, treedef = jax.tree.flatten(params)
-  rows = [init_leaf(layout, leaf) for layout, leaf in zip(layouts, leaves, strict=True)]
+  rows = [
+    init_leaf(layout, leaf)
+    for layout, leaf in zip(layouts, leaves, strict=True)
+  ]
   mu, nu, basis, rnorm = _unzip(treedef, rows)
   key = config.key_data
   return SubspaceAdamState(
@@ -434,7 +444,9 @@ def _update_state(
     key_data = None if config.key_data is None else state.key
     keys = _matrix_keys(key_data, config.key_impl, i, count, layout, layer)
     rows.append(
-      _projected_leaf(step, layout, branch, count, grad, mu, nu, basis, rnorm, keys)
+      _projected_leaf(
+        step, layout, branch, count, grad, mu, nu, basis, rnorm, keys
+      )
     )
   new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows)
   return new_updates, state._replace(
@@ -577,11 +589,14 @@ def scale_by_subspace_adam(
   _checks.positive("zeta", zeta)
   if projected_side not in ("shorter", "longer"):
     raise ValueError(
-      f"grassjax: projected_side must be 'shorter' or 'longer', got {projected_side!r}."
+      "grassjax: projected_side must be 'shorter' or 'longer', got"
+      f" {projected_side!r}."
     )
   mu_dtype = _checks.as_dtype("mu_dtype", mu_dtype) or jnp.dtype(jnp.float32)
   nu_dtype = _checks.as_dtype("nu_dtype", nu_dtype) or mu_dtype
-  basis_dtype = _checks.as_dtype("basis_dtype", basis_dtype) or jnp.dtype(jnp.float32)
+  basis_dtype = _checks.as_dtype("basis_dtype", basis_dtype) or jnp.dtype(
+    jnp.float32
+  )
   projection_dtype = _checks.as_dtype("projection_dtype", projection_dtype)
   if subspace.needs_key and key is None:
     raise ValueError(
