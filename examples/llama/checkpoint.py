@@ -13,6 +13,11 @@ that change the result (model, optimizer, rank, batch, sequence length,
 schedule, seed, ...) must match, and a mismatch is reported, field by field,
 before anything is written. A damaged checkpoint (a file missing or
 unreadable) is passed over for the one before it, with a warning.
+
+In a multi-process run every process saves and restores together: orbax
+writes each array's shards from the process that holds them, and the data
+position, of which each process knows its own streams', is gathered first
+and written once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from examples.llama.errors import UserError, check_writable_directory
 
@@ -46,6 +53,9 @@ RESUMABLE_FIELDS = frozenset(
     "remat",
     "fused_update",  # the same update, one block at a time
     "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
     "log_every",
     "dry_run",
   }
@@ -233,6 +243,8 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict[str, Any]) -> None:
     """Starts saving ``state`` (a ``TrainState``) and the data position at ``step``.
 
+    Every process calls it, with its own part of the data position (a dict
+    whose keys no other process's has); the checkpoint holds their union.
     The arrays are copied off the devices before this returns, so the state
     can be donated to the next step; the files are written in the background.
     """
@@ -244,7 +256,7 @@ class Checkpointer:
       args=ocp.args.Composite(
         model=ocp.args.StandardSave(state.model),
         optimizer=ocp.args.StandardSave(state.optimizer),
-        data=ocp.args.JsonSave(data_state),
+        data=ocp.args.JsonSave(union_over_processes(data_state)),
         config=ocp.args.JsonSave(self.config),
       ),
     )
@@ -253,6 +265,21 @@ class Checkpointer:
     """Waits for the last save to be written."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def union_over_processes(part: dict[str, Any]) -> dict[str, Any]:
+  """The union of every process's ``part`` (JSON-friendly dicts); every process calls it."""
+  if jax.process_count() == 1:
+    return part
+  encoded = np.frombuffer(json.dumps(part).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: encoded.size] = encoded
+  union: dict[str, Any] = {}
+  rows = multihost_utils.process_allgather(padded)
+  for size, row in zip(sizes[:, 0], rows, strict=True):
+    union.update(json.loads(row[:size].tobytes()))
+  return union
 
 
 def _first_line(err: Exception, limit: int = 160) -> str:

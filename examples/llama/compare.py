@@ -21,6 +21,7 @@ import jax
 
 from examples.llama import config as config_lib
 from examples.llama import report
+from examples.llama import sharding as sharding_lib
 from examples.llama import train as train_lib
 from examples.llama.errors import reports_user_errors
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.compare``."""
   cfg, optimizers = parse_args(argv)
   if cfg.distributed:
-    jax.distributed.initialize()
+    sharding_lib.start_distributed(cfg)
   compare(cfg, optimizers)
   if jax.process_index() == 0:
     print((Path(cfg.out_dir) / "compare.md").read_text())

@@ -15,6 +15,13 @@ shuffled per epoch from ``(seed, epoch)``; documents within a shard keep their
 order (C4's shards are already shuffled), which makes the position of the
 iterator three integers and the leftover tokens: :meth:`PackedBatches.state`,
 saved with each checkpoint, so a resumed run continues on the next unseen batch.
+
+The training batches come from ``--data-streams`` such iterators
+(:class:`ProcessBatches`): stream ``g`` reads every ``streams``-th shard of
+each epoch's order and fills the ``g``-th equal share of the rows of every
+micro-batch. A process reads and tokenizes only the streams whose rows its
+devices hold, and the batches depend on the number of streams alone, not on
+how many processes or devices share them.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import gzip
 import json
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -193,23 +200,37 @@ def _shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[
 
 
 def local_documents(
-  paths: list[Path], seed: int, shuffle: bool, start: dict[str, int], repeat: bool
+  paths: list[Path],
+  seed: int,
+  shuffle: bool,
+  start: dict[str, int],
+  repeat: bool,
+  stream: int = 0,
+  streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """``(position after the document, text)`` over the shards, from ``start``.
+  """``(position after the document, text)`` over stream ``stream``'s shards, from ``start``.
 
-  A position is ``{"epoch", "shard", "line"}``: the epoch, the index of the
-  shard in that epoch's order, and how many of its lines were consumed, bad
-  ones included.
+  Stream ``stream`` of ``streams`` reads every ``streams``-th shard of each
+  epoch's order, starting at the ``stream``-th. A position is ``{"epoch",
+  "shard", "line"}``: the epoch, the index of the shard in the stream's order
+  of that epoch, and how many of its lines were consumed, bad ones included.
 
   Raises:
-    UserError: a whole pass over the shards found no usable document.
+    UserError: fewer shards than streams, or a whole pass over the stream's
+      shards found no usable document.
   """
+  if streams > len(paths):
+    raise UserError(
+      f"{len(paths)} shard(s) in {paths[0].parent} cannot feed {streams} data"
+      f" streams (each reads its own shards): use --data-streams {len(paths)} or"
+      " fewer."
+    )
   epoch, shard, line = start["epoch"], start["shard"], start["line"]
   problems = ShardProblems()
   while True:
-    order = _shard_order(len(paths), seed, epoch, shuffle)
+    order = _shard_order(len(paths), seed, epoch, shuffle)[stream::streams]
     found = False
-    while shard < len(paths):
+    while shard < len(order):
       path = paths[order[shard]]
       for line_number, text in read_shard(path, problems, skip=line):
         found = True
@@ -218,9 +239,9 @@ def local_documents(
       shard, line = shard + 1, 0
     if not found and start["line"] == 0 and start["shard"] == 0:
       raise UserError(
-        f"no usable document in {len(paths)} shard(s): {problems.describe()}"
+        f"no usable document in {len(order)} shard(s): {problems.describe()}"
         if problems.lines or problems.broken
-        else f"the shards {', '.join(map(str, paths))} hold no documents."
+        else f"the shards {', '.join(str(paths[i]) for i in order)} hold no documents."
       )
     if not repeat:
       return
@@ -251,15 +272,29 @@ def open_hub_stream(split: str) -> Any:
 
 
 def hub_documents(
-  split: str, seed: int, shuffle: bool, start: dict[str, int], repeat: bool
+  split: str,
+  seed: int,
+  shuffle: bool,
+  start: dict[str, int],
+  repeat: bool,
+  stream: int = 0,
+  streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """``allenai/c4`` streamed with ``datasets``; the position counts documents."""
+  """``allenai/c4`` streamed with ``datasets``; the position counts documents.
+
+  Stream ``stream`` of ``streams`` reads its share of the hub's files
+  (``datasets.distributed.split_dataset_by_node``).
+  """
   epoch, line = start["epoch"], start["line"]
   while True:
-    stream = open_hub_stream(split)
+    dataset = open_hub_stream(split)
+    if streams > 1:
+      from datasets.distributed import split_dataset_by_node
+
+      dataset = split_dataset_by_node(dataset, rank=stream, world_size=streams)
     if shuffle:
-      stream = stream.shuffle(seed=seed + epoch, buffer_size=10_000)
-    for record in stream.skip(line):
+      dataset = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
+    for record in dataset.skip(line):
       line += 1
       yield {"epoch": epoch, "shard": 0, "line": line}, record["text"]
     if not repeat:
@@ -267,28 +302,41 @@ def hub_documents(
     epoch, line = epoch + 1, 0
 
 
-def documents(data_dir: str, split: str, seed: int, shuffle: bool, start, repeat):
-  """The document stream of ``data_dir`` (a shard directory or ``"hf"``)."""
+def documents(
+  data_dir: str,
+  split: str,
+  seed: int,
+  shuffle: bool,
+  start: dict[str, int],
+  repeat: bool,
+  stream: int = 0,
+  streams: int = 1,
+) -> Iterator[tuple[dict[str, int], str]]:
+  """Stream ``stream``'s documents of ``data_dir`` (a shard directory or ``"hf"``)."""
   if data_dir == "hf":
-    return hub_documents(split, seed, shuffle, start, repeat)
-  return local_documents(shard_paths(data_dir, split), seed, shuffle, start, repeat)
+    return hub_documents(split, seed, shuffle, start, repeat, stream, streams)
+  paths = shard_paths(data_dir, split)
+  return local_documents(paths, seed, shuffle, start, repeat, stream, streams)
 
 
-def check_split(data_dir: str, split: str) -> None:
+def check_split(
+  data_dir: str, split: str, seed: int = 0, stream: int = 0, streams: int = 1
+) -> None:
   """Fails now, not at the first batch, if ``split`` of ``data_dir`` is unusable.
 
-  Reads the local shards up to their first usable document; opens the hub's
-  stream.
+  Reads the local shards of stream ``stream``'s first epoch (shuffled by
+  ``seed``) up to their first usable document; opens the hub's stream.
 
   Raises:
-    UserError: no such directory, no shard of ``split``, no usable document
-      in them, or the hub's stream cannot be opened.
+    UserError: no such directory, no shard of ``split``, fewer shards than
+      streams, no usable document in the stream's shards, or the hub's stream
+      cannot be opened.
   """
   if data_dir == "hf":
     open_hub_stream(split)
     return
   start = {"epoch": 0, "shard": 0, "line": 0}
-  next(local_documents(shard_paths(data_dir, split), 0, False, start, repeat=False))
+  next(documents(data_dir, split, seed, True, start, False, stream, streams))
 
 
 # ----------------------------------------------------------------------------
@@ -299,7 +347,8 @@ def check_split(data_dir: str, split: str) -> None:
 class PackedBatches:
   """An endless iterator of ``(batch_size, seq_len + 1)`` int32 token windows.
 
-  Deterministic for a seed; :meth:`state` and :meth:`restore` save and resume
+  Deterministic for a seed and a stream (``stream`` of ``streams``, see
+  :func:`local_documents`); :meth:`state` and :meth:`restore` save and resume
   its position exactly.
   """
 
@@ -312,23 +361,33 @@ class PackedBatches:
     seq_len: int,
     batch_size: int,
     seed: int,
+    stream: int = 0,
+    streams: int = 1,
   ):
-    """Opens the ``split`` of ``data_dir``.
+    """Opens stream ``stream`` of the ``split`` of ``data_dir``.
 
     Raises:
-      UserError: ``split`` of ``data_dir`` is unusable (:func:`check_split`,
-        here, before any training starts).
+      UserError: ``split`` of ``data_dir`` is unusable for the stream
+        (:func:`check_split`, here, before any training starts).
     """
-    check_split(data_dir, split)
+    check_split(data_dir, split, seed, stream, streams)
     self.data_dir, self.split, self.tokenizer = data_dir, split, tokenizer
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+    self.stream, self.streams = stream, streams
     self._start({"epoch": 0, "shard": 0, "line": 0}, [])
 
   def _start(self, position: dict[str, int], buffer: list[int]) -> None:
     self._position = dict(position)
     self._buffer = list(buffer)
     self._documents = documents(
-      self.data_dir, self.split, self.seed, True, position, repeat=True
+      self.data_dir,
+      self.split,
+      self.seed,
+      True,
+      position,
+      True,
+      self.stream,
+      self.streams,
     )
 
   def __iter__(self) -> PackedBatches:
@@ -350,6 +409,8 @@ class PackedBatches:
       "seq_len": self.seq_len,
       "batch_size": self.batch_size,
       "vocab_size": self.tokenizer.vocab_size,
+      "stream": self.stream,
+      "streams": self.streams,
     }
 
   def state(self) -> dict[str, Any]:
@@ -369,6 +430,104 @@ class PackedBatches:
         f"the data position was saved for {saved}, not for {self._identity()}."
       )
     self._start(state["position"], state["buffer"])
+
+
+class ProcessBatches:
+  """This process's rows of every training batch: those of its data streams.
+
+  The rows of each micro-batch are split into ``streams`` equal groups, and
+  group ``g`` of every micro-batch comes from stream ``g`` (a
+  :class:`PackedBatches` over its own shards). A process opens only the
+  streams whose rows its devices hold; one process holding every row reads
+  every stream and sees the same batches as several processes sharing them.
+  With one stream the batch is ``batch_size`` consecutive windows of the one
+  packed stream.
+  """
+
+  def __init__(
+    self,
+    data_dir: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    grad_accum: int,
+    micro_batch_size: int,
+    seed: int,
+    streams: int,
+    rows: Sequence[int],
+  ):
+    """Opens the streams of ``rows``.
+
+    Args:
+      data_dir: as for :class:`PackedBatches`.
+      tokenizer: the tokenizer.
+      seq_len: tokens per sequence (windows are one longer).
+      grad_accum: micro-batches per step.
+      micro_batch_size: rows of each micro-batch, a multiple of ``streams``.
+      seed: the data order's seed.
+      streams: the number of streams (``--data-streams``).
+      rows: the sorted rows of each micro-batch that this process holds.
+
+    Raises:
+      UserError: ``rows`` are not the rows of whole streams (a stream's rows
+        would span processes), or a stream's shards are unusable.
+    """
+    per_stream = micro_batch_size // streams
+    local = sorted({row // per_stream for row in rows})
+    whole = [row for g in local for row in range(g * per_stream, (g + 1) * per_stream)]
+    if list(rows) != whole:
+      raise UserError(
+        f"--data-streams {streams} does not split over the processes: each"
+        f" stream fills {per_stream} row(s) of every micro-batch of"
+        f" {micro_batch_size}, and this process holds rows {rows[0]} to"
+        f" {rows[-1]}; use a multiple of the number of processes."
+      )
+    self.grad_accum, self.seq_len = grad_accum, seq_len
+    self._streams = {
+      g: PackedBatches(
+        data_dir,
+        "train",
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=grad_accum * per_stream,
+        seed=seed,
+        stream=g,
+        streams=streams,
+      )
+      for g in local
+    }
+
+  def __iter__(self) -> ProcessBatches:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    """The next ``(grad_accum, len(rows), seq_len + 1)`` block of this process's rows."""
+    shape = (self.grad_accum, -1, self.seq_len + 1)
+    return np.concatenate(
+      [next(stream).reshape(shape) for stream in self._streams.values()], axis=1
+    )
+
+  def state(self) -> dict[str, Any]:
+    """Each of this process's streams' :meth:`PackedBatches.state`, by stream number.
+
+    The keys are strings, as JSON has them; the union of every process's
+    state is the run's data position.
+    """
+    return {str(g): stream.state() for g, stream in self._streams.items()}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues from a data position holding (at least) this process's streams.
+
+    Raises:
+      ValueError: ``state`` lacks one of them, or holds it for other settings.
+    """
+    missing = [g for g in self._streams if str(g) not in state]
+    if missing:
+      raise ValueError(
+        f"the data position holds streams {sorted(state)}, not {missing}."
+      )
+    for g, stream in self._streams.items():
+      stream.restore(state[str(g)])
 
 
 def eval_batches(

@@ -9,6 +9,10 @@
   scales, PRNG keys, step counts, recovery norms) are replicated: splitting
   them saves nothing.
 
+In a multi-process run (``--distributed``, :func:`start_distributed`) the
+mesh spans every process's devices; each process holds the rows of the batch
+that its own devices hold (:func:`process_rows`), and only reads those.
+
 The rule for ``fsdp`` looks at each state array's own shape, not at the
 parameter it belongs to: GrassWalk's moments of a projected ``(m, n)`` kernel
 are ``(r, n)`` and its basis is ``(m, r)``, and each is split on whichever of
@@ -17,11 +21,14 @@ its own axes is largest.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from examples.llama import config as config_lib
 from examples.llama.errors import UserError
 
 
@@ -45,6 +52,45 @@ def make_mesh(kind: str) -> Mesh:
       )
     return Mesh(np.array(jax.devices()[:1]), ("data",))
   return Mesh(np.array(jax.devices()), ("fsdp" if kind == "fsdp" else "data",))
+
+
+_CPU_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def start_distributed(cfg: config_lib.TrainConfig) -> None:
+  """Joins the processes of a multi-process run; call before JAX uses a device.
+
+  ``--coordinator-address``, ``--num-processes`` and ``--process-id`` say
+  where the coordinator is, how many processes there are and which one this
+  is; when they are not given, they are taken from the cluster: JAX detects
+  SLURM, Open MPI, Cloud TPU and Kubernetes jobs, and reads
+  ``JAX_COORDINATOR_ADDRESS``. On CPU the processes' collectives run over TCP
+  with gloo, so processes on one machine or several form one mesh: recent jax
+  versions default to it, the 0.4 versions this project accepts to no
+  cross-process collectives at all, hence the explicit setting.
+
+  With XLA:CPU's concurrency-optimized scheduler (its default), processes
+  that update the low-rank optimizers' bases under ``--mesh fsdp``
+  (collectives inside conditionals) can run those collectives in different
+  orders, and gloo aborts on the mismatched messages; with that scheduler
+  off, as here unless ``XLA_FLAGS`` names it, no run tried did.
+
+  Raises:
+    UserError: nothing given and no cluster to take it from.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if _CPU_SCHEDULER_FLAG not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --{_CPU_SCHEDULER_FLAG}=false".strip()
+  try:
+    jax.distributed.initialize(
+      cfg.coordinator_address, cfg.num_processes, cfg.process_id
+    )
+  except ValueError as err:  # what the cluster detection could not find
+    raise UserError(
+      f"--distributed found no cluster to join ({err}): pass"
+      " --coordinator-address HOST:PORT, --num-processes and --process-id."
+    ) from err
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int, ndim: int) -> NamedSharding:
@@ -93,3 +139,13 @@ def state_shardings(abstract_state, mesh: Mesh, kind: str):
 def put(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A host batch as a global array; each process keeps only its devices' parts."""
   return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+def process_rows(
+  sharding: NamedSharding, shape: tuple[int, ...], axis: int
+) -> list[int]:
+  """The indices along ``axis`` of a ``shape`` array that this process's devices hold."""
+  rows: set[int] = set()
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    rows.update(range(*index[axis].indices(shape[axis])))
+  return sorted(rows)

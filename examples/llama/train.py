@@ -17,10 +17,17 @@ Written to ``--out-dir``: ``metrics.jsonl`` (the loss and learning rate of
 every step, the energy fraction of each kind of projected kernel, tokens/s,
 evaluations), ``summary.json``, ``loss.png`` (``report.py``) and, when
 ``tensorboardX`` is installed, TensorBoard events.
+
+A multi-process run (``--distributed``) is the same program in every
+process: each reads the training rows of its own devices
+(``data.ProcessBatches``) and the whole validation set (small, and the same
+everywhere), all save and restore the checkpoints together, and only process
+0 writes the outputs above and prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -103,7 +110,8 @@ def train(
     UserError: bad input, found before the first step: a path that cannot be
       written, unusable data, a vocabulary smaller than the tokenizer's, a
       rank the model's kernels cannot take, a batch that does not split over
-      the devices, ``--mesh none`` in a multi-process run, checkpoints
+      the devices, ``--mesh none`` in a multi-process run, data streams that
+      do not split over the processes or outnumber the shards, checkpoints
       without ``cfg.resume``, a checkpoint of another configuration
       (``checkpoint.ConfigMismatchError``) or none readable.
   """
@@ -128,13 +136,20 @@ def train(
       f" {cfg.batch_size} / --grad-accum {cfg.grad_accum}) does not split over"
       f" {mesh.size} devices."
     )
-  batches = data_lib.PackedBatches(
+  # One data stream per process unless given; the checkpoints' configuration
+  # and the summary record the number, which fixes the data order.
+  cfg = dataclasses.replace(cfg, data_streams=cfg.data_streams or jax.process_count())
+  train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
+  batch_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
+  batches = data_lib.ProcessBatches(
     cfg.data_dir,
-    "train",
     tokenizer,
     seq_len=cfg.seq_len,
-    batch_size=cfg.batch_size,
+    grad_accum=cfg.grad_accum,
+    micro_batch_size=cfg.micro_batch_size,
     seed=cfg.seed,
+    streams=cfg.data_streams,
+    rows=sharding_lib.process_rows(train_batch, batch_shape, axis=1),
   )
   eval_data = data_lib.eval_batches(
     cfg.data_dir,
@@ -173,7 +188,6 @@ def train(
       announce(f"no checkpoint in {cfg.checkpoint_dir} yet: starting at step 0")
     state = init_train_state(model_config, tx, cfg.seed, shardings)
 
-  train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   eval_batch = sharding_lib.batch_sharding(mesh, batch_axis=0, ndim=2)
   train_step = make_train_step(cfg, graphdefs, shardings, train_batch, mesh)
   eval_step = make_eval_step(graphdefs, shardings, eval_batch, mesh)
@@ -193,8 +207,10 @@ def train(
   pending: list[tuple[int, jax.Array]] = []
   final_eval = None
   for step in range(start + 1, cfg.steps + 1):
-    tokens = next(batches).reshape(cfg.grad_accum, cfg.micro_batch_size, -1)
-    state, step_metrics = train_step(state, sharding_lib.put(tokens, train_batch))
+    tokens = jax.make_array_from_process_local_data(
+      train_batch, next(batches), batch_shape
+    )
+    state, step_metrics = train_step(state, tokens)
     pending.append((step, step_metrics))
 
     last = step == cfg.steps
@@ -245,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.train``."""
   cfg = config_lib.parse_args(argv)
   if cfg.distributed:
-    jax.distributed.initialize()
+    sharding_lib.start_distributed(cfg)
   if cfg.dry_run:
     memory_lib.dry_run(cfg)
     return
