@@ -183,12 +183,13 @@ def tables(
   ]
   out = "## Final eval loss by learning rate, mean ± std over seeds\n\n"
   out += common.markdown_table(("optimizer", *(f"lr {lr:g}" for lr in lrs)), grid)
+  if "adamw" not in best:
+    raise ValueError("the comparison needs adamw among --optimizers.")
   adamw = _losses(main, optimizer="adamw", lr=best["adamw"])
   rows = []
   for name in optimizers:
     losses = _losses(main, optimizer=name, lr=best[name])
     diff = statistics.mean(losses) - statistics.mean(adamw)
-    noise = "" if name == "adamw" else beyond_noise(losses, adamw)
     rows.append(
       (
         name,
@@ -196,7 +197,7 @@ def tables(
         _mean_std(losses),
         f"{min(losses):.4f} to {max(losses):.4f}",
         "" if name == "adamw" else f"{diff:+.4f}",
-        noise,
+        "" if name == "adamw" else beyond_noise(losses, adamw),
       )
     )
   out += "\n## Each optimizer at its best learning rate\n\n"
@@ -267,6 +268,10 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
   parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+  parser.add_argument(
+    "--optimizers", type=lambda x: x.split(","), default=list(config_lib.OPTIMIZERS)
+  )
+  parser.add_argument("--results-name", default="quality")
   parser.add_argument("--ablation", action="store_true")
   parser.add_argument("--ablation-seeds", type=_ints, default=[0])
   parser.set_defaults(out_dir="runs/quality")
@@ -276,7 +281,7 @@ def main(argv=None) -> None:
 
   records = [
     run(cfg, optimizer, lr, seed, out_dir)
-    for optimizer in config_lib.OPTIMIZERS
+    for optimizer in args.optimizers
     for lr in args.lrs
     for seed in args.seeds
   ]
@@ -302,7 +307,7 @@ def main(argv=None) -> None:
       "data_dir": common.display_path(cfg.data_dir),
     },
   }
-  path = common.write_results("quality", meta, records, text)
+  path = common.write_results(args.results_name, meta, records, text)
   best_runs = {}
   for name, lr in best.items():
     seed = args.seeds[0]

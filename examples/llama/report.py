@@ -23,6 +23,14 @@ from examples.llama import model as model_lib
 from grassjax.diagnostics import state_bytes
 
 
+def device_peak_bytes() -> int | None:
+  """The most memory the first local device has held so far, where the backend
+  reports it (GPUs and TPUs do, CPUs do not): a real step's peak, next to the
+  compiler's estimate of ``--dry-run``."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
 def summarize(
   cfg: config_lib.TrainConfig,
   model_config: model_lib.LlamaConfig,
@@ -73,6 +81,7 @@ def summarize(
     "adamw_state_bytes": adamw_bytes,
     "state_bytes_ratio_to_adamw": optimizer_bytes / adamw_bytes,
     "wall_seconds": wall_seconds,
+    "device_peak_bytes": device_peak_bytes(),
     "config": dataclasses.asdict(cfg),
   }
 
