@@ -168,15 +168,25 @@ def _preset(
 
 _OPTIONS_DOC = """the other keyword arguments of :func:`low_rank_adamw`
       (``update_interval``, ``scale``, ``b1``, ``b2``, ``eps``,
-      ``weight_decay``, ``weight_decay_mask``, ``zeta``, ``scale_recovery``,
+      ``weight_decay``, ``weight_decay_mask``, ``adaptive_optimizer``,
+      ``recovery_scaling``, ``zeta``, ``scale_recovery``,
       ``projection_mask``, ``dimension_numbers``, ``projected_side``, the
       dtypes, ``stagger``), with its defaults."""
 
 
-def _tangent_rank(tangent_rank: int | None) -> int:
-  # None (not 1) as the default, so optax.inject_hyperparams leaves an
-  # unlisted tangent_rank static.
-  return 1 if tangent_rank is None else tangent_rank
+def _geodesic_options(
+  tangent_rank: int | None, normalize_step: bool, svd_method: str
+) -> dict[str, Any]:
+  """The keyword arguments of the geodesic rules from a preset's.
+
+  ``tangent_rank`` defaults to ``None`` (not 1) in the presets, so
+  ``optax.inject_hyperparams`` leaves an unlisted one static.
+  """
+  return {
+    "tangent_rank": 1 if tangent_rank is None else tangent_rank,
+    "normalize": normalize_step,
+    "svd_method": svd_method,
+  }
 
 
 @_preset
@@ -189,8 +199,6 @@ def grasswalk(
   tangent_rank: int | None = None,
   normalize_step: bool = True,
   svd_method: subspace_lib.SvdMethod = "exact",
-  adaptive_optimizer: bool = True,
-  recovery_scaling: bool = True,
   **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GrassWalk: a random walk on the Grassmannian, with AO and RS.
@@ -216,8 +224,6 @@ def grasswalk(
     normalize_step: ``step_size`` is an angle (True) or the raw scale.
     svd_method: ``"exact"`` or ``"randomized"`` SVD for the first basis
       (:func:`grassjax.subspace.svd_basis`).
-    adaptive_optimizer: rotate Adam's moments onto new bases (AO).
-    recovery_scaling: add back the rescaled residual (RS).
     **options: {options}
 
   Returns:
@@ -237,21 +243,9 @@ def grasswalk(
     >>> state[0].basis["w"].shape, state[0].mu["w"].shape
     ((16, 4), (4, 32))
   """
-  rule = subspace_lib.random_walk(
-    step_size,
-    tangent_rank=_tangent_rank(tangent_rank),
-    normalize=normalize_step,
-    svd_method=svd_method,
-  )
-  return low_rank_adamw(
-    learning_rate,
-    rule,
-    rank=rank,
-    key=key,
-    adaptive_optimizer=adaptive_optimizer,
-    recovery_scaling=recovery_scaling,
-    **options,
-  )
+  geodesic = _geodesic_options(tangent_rank, normalize_step, svd_method)
+  rule = subspace_lib.random_walk(step_size, **geodesic)
+  return low_rank_adamw(learning_rate, rule, rank=rank, key=key, **options)
 
 
 @_preset
@@ -260,8 +254,6 @@ def grassjump(
   *,
   rank: int,
   key: jax.Array,
-  adaptive_optimizer: bool = True,
-  recovery_scaling: bool = True,
   **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GrassJump: a fresh random subspace every interval, with AO and RS.
@@ -276,8 +268,6 @@ def grassjump(
     learning_rate: a float or an optax schedule.
     rank: ``r``.
     key: PRNG key of the jumps (``jax.random.key(seed)``).
-    adaptive_optimizer: rotate Adam's moments onto new bases (AO).
-    recovery_scaling: add back the rescaled residual (RS).
     **options: {options}
 
   Returns:
@@ -299,8 +289,6 @@ def grassjump(
     subspace_lib.random_jump(),
     rank=rank,
     key=key,
-    adaptive_optimizer=adaptive_optimizer,
-    recovery_scaling=recovery_scaling,
     **options,
   )
 
@@ -315,8 +303,6 @@ def subtrack_pp(
   tangent_rank: int | None = None,
   normalize_step: bool = False,
   svd_method: subspace_lib.SvdMethod = "exact",
-  adaptive_optimizer: bool = True,
-  recovery_scaling: bool = True,
   **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SubTrack++: Grassmannian subspace tracking, with AO and RS.
@@ -340,8 +326,6 @@ def subtrack_pp(
     normalize_step: make ``step_size`` an angle in radians.
     svd_method: ``"exact"`` or ``"randomized"`` SVD for the first basis
       (:func:`grassjax.subspace.svd_basis`; randomized needs a ``key``).
-    adaptive_optimizer: rotate Adam's moments onto new bases (AO).
-    recovery_scaling: add back the rescaled residual (RS).
     **options: {options}
 
   Returns:
@@ -360,21 +344,9 @@ def subtrack_pp(
     >>> state[0].basis["w"].shape  # the shorter side is projected
     (16, 4)
   """
-  rule = subspace_lib.tracking(
-    step_size,
-    tangent_rank=_tangent_rank(tangent_rank),
-    normalize=normalize_step,
-    svd_method=svd_method,
-  )
-  return low_rank_adamw(
-    learning_rate,
-    rule,
-    rank=rank,
-    key=key,
-    adaptive_optimizer=adaptive_optimizer,
-    recovery_scaling=recovery_scaling,
-    **options,
-  )
+  geodesic = _geodesic_options(tangent_rank, normalize_step, svd_method)
+  rule = subspace_lib.tracking(step_size, **geodesic)
+  return low_rank_adamw(learning_rate, rule, rank=rank, key=key, **options)
 
 
 @_preset
