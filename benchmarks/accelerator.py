@@ -117,13 +117,23 @@ def _memory_table(records: list[dict]) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--smoke", action="store_true", help="toy sizes, any device")
+  parser.add_argument(
+    "--smoke", action="store_true", help="toy sizes, any device"
+  )
   args = parser.parse_args(argv)
   if jax.default_backend() == "cpu" and not args.smoke:
     sys.exit("no accelerator found; --smoke runs the command at toy sizes")
 
   if args.smoke:
-    speed_args = ["--quick", "--rounds", "1", "--loop-steps", "2", "--repeats", "1"]
+    speed_args = [
+      "--quick",
+      "--rounds",
+      "1",
+      "--loop-steps",
+      "2",
+      "--repeats",
+      "1",
+    ]
   else:
     speed_args = ["--model", "60m", "--train-models", "60m", "--rounds", "3"]
   speed_lib.main(speed_args)

@@ -118,7 +118,9 @@ def fsdp_shardings(tree, mesh: Mesh):
   """The example's FSDP sharding of every array in ``tree``."""
   axis = mesh.axis_names[0]
   return jax.tree.map(
-    lambda x: NamedSharding(mesh, sharding_lib.fsdp_spec(x.shape, mesh.size, axis)),
+    lambda x: NamedSharding(
+      mesh, sharding_lib.fsdp_spec(x.shape, mesh.size, axis)
+    ),
     tree,
   )
 
@@ -137,7 +139,9 @@ def measure(model: str, devices: int) -> list[dict]:
   """One record per optimizer: collectives and per-device peak of its update."""
   mesh = Mesh(np.array(jax.devices()[:devices]), ("fsdp",))
   params = model_lib.abstract_params(model_lib.get_config(model))
-  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  params = jax.tree.map(
+    lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
+  )
   param_shardings = fsdp_shardings(params, mesh)
   projected = jax.tree.leaves(model_lib.low_rank_mask(params))
   largest = max(
@@ -181,8 +185,9 @@ def measure(model: str, devices: int) -> list[dict]:
     }
     records.append(record)
     print(
-      f"{model:4s} {label:24s} every step {record['every_step_bytes'] / 2**20:9.2f}"
-      f" MiB  update steps +{record['update_step_extra_bytes'] / 2**20:9.2f} MiB"
+      f"{model:4s} {label:24s} every step"
+      f" {record['every_step_bytes'] / 2**20:9.2f} MiB  update steps"
+      f" +{record['update_step_extra_bytes'] / 2**20:9.2f} MiB"
       f"  largest gather {record['largest_gather_elements']:>10d}"
       f"  peak {peak / 2**30:7.3f} GiB"
     )

@@ -23,7 +23,9 @@ def stamp() -> dict[str, Any]:
   """Where and when a result was measured."""
   device = jax.devices()[0]
   return {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"
+    ),
     "device": f"{device.platform}: {device.device_kind}",
     "device_count": jax.device_count(),
     "jax_version": jax.__version__,
@@ -33,9 +35,13 @@ def stamp() -> dict[str, Any]:
 
 
 def median_seconds(
-  fn: Callable[..., Any], *args: Any, repeats: int = 20, budget_seconds: float = 30.0
+  fn: Callable[..., Any],
+  *args: Any,
+  repeats: int = 20,
+  budget_seconds: float = 30.0,
 ) -> tuple[float, int]:
-  """Median wall time of ``fn(*args)`` with the result ready, compilation excluded.
+  """Median wall time of ``fn(*args)`` with the result ready, compilation
+  excluded.
 
   ``fn`` is compiled ahead of time, so no call is spent warming up (an SVD of a
   4096 x 11008 matrix takes a minute on a CPU).
@@ -75,7 +81,8 @@ def run_budget(cfg) -> str:
   tokens = cfg.steps * cfg.batch_size * cfg.seq_len
   return (
     f"LLaMA {cfg.model}, {cfg.steps} steps x {cfg.batch_size} sequences x"
-    f" {cfg.seq_len} tokens = {tokens:,} tokens, data {display_path(cfg.data_dir)},"
+    f" {cfg.seq_len} tokens = {tokens:,} tokens, data"
+    f" {display_path(cfg.data_dir)},"
     f" tokenizer {cfg.tokenizer}, rank {cfg.rank}, T = {cfg.update_interval},"
     f" lr {cfg.lr}, seed {cfg.seed}"
   )
@@ -84,7 +91,8 @@ def run_budget(cfg) -> str:
 def write_results(
   name: str, meta: dict[str, Any], records: list[dict[str, Any]], tables: str
 ) -> Path:
-  """Writes ``results/<name>-<platform>.json`` and ``.md``; returns the JSON path.
+  """Writes ``results/<name>-<platform>.json`` and ``.md``; returns the JSON
+  path.
 
   The platform (cpu, gpu, tpu) is part of the name so that runs on different
   devices sit side by side; the markdown starts with the stamp, so a table is
@@ -94,7 +102,9 @@ def write_results(
   info = {**stamp(), **meta}
   name = f"{name}-{jax.devices()[0].platform}"
   path = RESULTS_DIR / f"{name}.json"
-  path.write_text(json.dumps({"meta": info, "records": records}, indent=2) + "\n")
+  path.write_text(
+    json.dumps({"meta": info, "records": records}, indent=2) + "\n"
+  )
   header = ", ".join(f"{k}: {v}" for k, v in info.items())
   (RESULTS_DIR / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{tables}")
   return path

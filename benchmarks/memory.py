@@ -1,6 +1,7 @@
-"""Memory: optimizer-state bytes of the LLaMA configs, and the peak memory of a step.
+"""Memory: optimizer-state bytes of the LLaMA configs, and the peak memory of a
+step.
 
-    python -m benchmarks.memory                   # state bytes 60m ... 7b, peak on 60m
+    python -m benchmarks.memory  # state bytes 60m ... 7b, peak on 60m
     python -m benchmarks.memory --peak-model 130m
 
 1. **State bytes** (``jax.eval_shape``: nothing is allocated) of adamw, galore,
@@ -49,9 +50,12 @@ F32 = 4
 
 
 def minimum_state_bytes(params, name: str, rank: int) -> int:
-  """The fewest bytes the optimizer ``name`` can keep, from the parameter shapes."""
+  """The fewest bytes the optimizer ``name`` can keep, from the parameter
+  shapes."""
   if name == "adamw":
-    return 2 * F32 * sum(math.prod(p.shape) for p in jax.tree.leaves(params)) + 4
+    return (
+      2 * F32 * sum(math.prod(p.shape) for p in jax.tree.leaves(params)) + 4
+    )
   low_rank = jax.tree.leaves(model_lib.low_rank_mask(params))
   total = 4  # the step count
   info = grassjax.OPTIMIZERS[name]
@@ -69,7 +73,8 @@ def minimum_state_bytes(params, name: str, rank: int) -> int:
 
 
 def state_bytes_table(models) -> list[dict]:
-  """State bytes of each optimizer on each config, against the minimum and AdamW."""
+  """State bytes of each optimizer on each config, against the minimum and
+  AdamW."""
   records = []
   for model in models:
     params = model_lib.abstract_params(model_lib.get_config(model))
@@ -83,7 +88,9 @@ def state_bytes_table(models) -> list[dict]:
       minimum = minimum_state_bytes(params, name, rank)
       bf16_moments = None
       if name != "adamw":
-        tx = make_optimizer(name, rank, update_interval=200, moment_dtype=jnp.bfloat16)
+        tx = make_optimizer(
+          name, rank, update_interval=200, moment_dtype=jnp.bfloat16
+        )
         bf16_moments = diagnostics.state_bytes(jax.eval_shape(tx.init, params))
       records.append(
         {
@@ -117,7 +124,9 @@ def peak_step_memory(model: str, batch_size: int, seq_len: int) -> list[dict]:
       batch_size=batch_size,
       seq_len=seq_len,
     )
-    memory = memory_lib.step_memory(cfg, config_lib.model_config(cfg, vocab_size=32000))
+    memory = memory_lib.step_memory(
+      cfg, config_lib.model_config(cfg, vocab_size=32000)
+    )
     peak, state_bytes = memory["peak"], memory["optimizer_state"]
     if adamw is None:
       adamw = {"peak": peak, "state": state_bytes}
@@ -213,10 +222,18 @@ def scale_table(models) -> list[dict]:
           **settings,
         )
         tx = peer_optimizer(cfg) if name == PEER else None
-        memory = memory_lib.step_memory(cfg, config_lib.model_config(cfg, 32000), tx)
+        memory = memory_lib.step_memory(
+          cfg, config_lib.model_config(cfg, 32000), tx
+        )
         fits = [size for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
         records.append(
-          {"model": model, "mode": mode, "optimizer": name, **memory, "fits_gib": fits}
+          {
+            "model": model,
+            "mode": mode,
+            "optimizer": name,
+            **memory,
+            "fits_gib": fits,
+          }
         )
         print(
           f"scale {model:4s} {mode:13s} {name:20s} peak"
@@ -276,14 +293,24 @@ def main(argv=None) -> None:
   scale = scale_table([m for m in args.scale_models.split(",") if m])
   tables = (
     "## Peak memory of the whole training step at scale (compile-only, CPU"
-    " compiler, memory-optimized schedule)\n\n`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks,"
+    " compiler, memory-optimized schedule)\n\n"
+    "`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks,"
     " vocabulary 32000; GiB per device. Modes: unscanned layers; scanned"
     " (`--scan-layers`, float32 weights, global clipping); fused"
     " (`--fused-update --clip per-layer`); fused with bfloat16 weights, moments"
     " and bases. optax.contrib.galore cannot project stacked (scanned) kernels"
     " and keeps full Adam moments for them.\n\n"
     + common.markdown_table(
-      ("model", "mode", "optimizer", "params", "state", "temporaries", "peak", "fits"),
+      (
+        "model",
+        "mode",
+        "optimizer",
+        "params",
+        "state",
+        "temporaries",
+        "peak",
+        "fits",
+      ),
       [
         (
           r["model"],
@@ -319,7 +346,9 @@ def main(argv=None) -> None:
           r["state_bytes"] / 2**30,
           r["state_over_minimum"],
           r["ratio_to_adamw"],
-          "" if r["bf16_moments_bytes"] is None else r["bf16_moments_bytes"] / 2**30,
+          ""
+          if r["bf16_moments_bytes"] is None
+          else r["bf16_moments_bytes"] / 2**30,
         )
         for r in states
       ],
@@ -346,7 +375,9 @@ def main(argv=None) -> None:
     tables,
   )
   plot_scale(scale, path.with_suffix(".png"))
-  print(f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+  print(
+    f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}"
+  )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Which side of a kernel to project: state bytes, energy kept and loss, per side.
+"""Which side of a kernel to project: state bytes, energy kept and loss, per
+side.
 
     python -m benchmarks.projected_side
 

@@ -1,7 +1,8 @@
-"""Quality: LLaMA pre-training runs of every optimizer over seeds and learning rates.
+"""Quality: LLaMA pre-training runs of every optimizer over seeds and learning
+rates.
 
-    python -m benchmarks.quality                      # tiny model, shipped sample
-    python -m benchmarks.quality --ablation           # and the 16-cell grid
+    python -m benchmarks.quality             # tiny model, shipped sample
+    python -m benchmarks.quality --ablation  # and the 16-cell grid
     python -m benchmarks.quality --model 60m --steps 2000 --data-dir /data/c4
 
 Every run is the LLaMA example's trainer (:func:`examples.llama.train.train`)
@@ -89,7 +90,9 @@ def run(
     out_dir=str(out_dir / name),
   )
   summary_path = out_dir / name / "summary.json"
-  earlier = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  earlier = (
+    json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  )
   if same_config(earlier.get("config"), run_cfg):
     summary = earlier
     lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
@@ -122,7 +125,8 @@ def same_config(recorded: dict | None, cfg: config_lib.TrainConfig) -> bool:
   current = json.loads(json.dumps(dataclasses.asdict(cfg)))
   defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
   return set(recorded) <= set(current) and all(
-    recorded.get(name, defaults[name]) == value for name, value in current.items()
+    recorded.get(name, defaults[name]) == value
+    for name, value in current.items()
   )
 
 
@@ -140,7 +144,9 @@ def curves(records, points: int = 60) -> dict[str, list]:
 
 def _losses(records: Sequence[dict], **match) -> list[float]:
   return [
-    r["final_eval_loss"] for r in records if all(r[k] == v for k, v in match.items())
+    r["final_eval_loss"]
+    for r in records
+    if all(r[k] == v for k, v in match.items())
   ]
 
 
@@ -155,7 +161,8 @@ def best_lrs(records: Sequence[dict], lrs: Sequence[float]) -> dict[str, float]:
   optimizers = dict.fromkeys(r["optimizer"] for r in records)
   return {
     name: min(
-      lrs, key=lambda lr: statistics.mean(_losses(records, optimizer=name, lr=lr))
+      lrs,
+      key=lambda lr: statistics.mean(_losses(records, optimizer=name, lr=lr)),
     )
     for name in optimizers
   }
@@ -167,8 +174,12 @@ def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
   ``"no"``; ``"n/a"`` with fewer than two seeds."""
   if min(len(a), len(b)) < 2:
     return "n/a"
-  error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-  return "yes" if abs(statistics.mean(a) - statistics.mean(b)) > 2 * error else "no"
+  error = math.sqrt(
+    statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
+  )
+  return (
+    "yes" if abs(statistics.mean(a) - statistics.mean(b)) > 2 * error else "no"
+  )
 
 
 def tables(
@@ -182,7 +193,9 @@ def tables(
     for name in optimizers
   ]
   out = "## Final eval loss by learning rate, mean ± std over seeds\n\n"
-  out += common.markdown_table(("optimizer", *(f"lr {lr:g}" for lr in lrs)), grid)
+  out += common.markdown_table(
+    ("optimizer", *(f"lr {lr:g}" for lr in lrs)), grid
+  )
   if "adamw" not in best:
     raise ValueError("the comparison needs adamw among --optimizers.")
   adamw = _losses(main, optimizer="adamw", lr=best["adamw"])
@@ -225,7 +238,12 @@ def tables(
         f"{best[optimizer]:g}",
         *(
           _mean_std(
-            _losses(ablation, ablation=rule, adaptive_optimizer=ao, recovery_scaling=rs)
+            _losses(
+              ablation,
+              ablation=rule,
+              adaptive_optimizer=ao,
+              recovery_scaling=rs,
+            )
           )
           for ao in (False, True)
           for rs in (False, True)
@@ -235,7 +253,8 @@ def tables(
     ]
     seeds = sorted({r["seed"] for r in ablation})
     out += (
-      f"\n## Ablation grid: final eval loss (seeds {', '.join(map(str, seeds))};"
+      "\n## Ablation grid: final eval loss"
+      f" (seeds {', '.join(map(str, seeds))};"
       f" AdamW at its best lr: {_mean_std(adamw)})\n\n"
       + common.markdown_table(header, cells)
     )
@@ -269,7 +288,9 @@ def main(argv=None) -> None:
   parser.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
   parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
   parser.add_argument(
-    "--optimizers", type=lambda x: x.split(","), default=list(config_lib.OPTIMIZERS)
+    "--optimizers",
+    type=lambda x: x.split(","),
+    default=list(config_lib.OPTIMIZERS),
   )
   parser.add_argument("--results-name", default="quality")
   parser.add_argument("--ablation", action="store_true")
@@ -312,7 +333,9 @@ def main(argv=None) -> None:
   for name, lr in best.items():
     seed = args.seeds[0]
     lines = (out_dir / run_name(name, lr, seed) / "metrics.jsonl").read_text()
-    best_runs[f"{name} (lr {lr:g})"] = [json.loads(x) for x in lines.splitlines()]
+    best_runs[f"{name} (lr {lr:g})"] = [
+      json.loads(x) for x in lines.splitlines()
+    ]
   tokens = cfg.steps * cfg.batch_size * cfg.seq_len
   report_lib.plot_losses(
     best_runs,

@@ -22,10 +22,10 @@ Three measurements, each the median wall time of compiled calls:
    on a ``(m, n)`` gradient, against GaLore's SVD (``svd()``), at ranks 128 to
    1024.
 
-Results go to ``benchmarks/results/speed-<platform>.{json,md}`` (``speed-quick-``
-with ``--quick``, so a quick look never overwrites a full run), stamped with
-the device: CPU timings vary about 3x between machines, so only ratios
-measured in one run compare.
+Results go to ``benchmarks/results/speed-<platform>.{json,md}``
+(``speed-quick-`` with ``--quick``, so a quick look never overwrites a full
+run), stamped with the device: CPU timings vary about 3x between machines, so
+only ratios measured in one run compare.
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ from examples.llama import step as step_lib
 OPTIMIZERS = tuple(grassjax.OPTIMIZERS)
 SHAPES = ((512, 1376), (2048, 5461), (4096, 11008))
 RANKS = (128, 256, 512, 1024)
-PAPER_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+PAPER_RANKS = {
+  "tiny": 32,
+  "60m": 128,
+  "130m": 256,
+  "350m": 256,
+  "1b": 512,
+  "7b": 1024,
+}
 # The whole training step's batch (sequences, tokens) and interval per model:
 # the example's defaults for tiny; for 60m a batch a CPU steps through in
 # about a second, with a shorter interval so that a round holds an update.
@@ -73,7 +80,9 @@ def make_optimizer(
     rank=rank,
     update_interval=update_interval,
     weight_decay=0.01,
-    moment_dtype="float32" if moment_dtype is None else jnp.dtype(moment_dtype).name,
+    moment_dtype="float32"
+    if moment_dtype is None
+    else jnp.dtype(moment_dtype).name,
     svd_method=svd_method,
   )
   return config_lib.base_optimizer(cfg, learning_rate=1e-3)
@@ -113,7 +122,8 @@ def training_loop(tx: optax.GradientTransformation, steps: int):
 
 
 def time_donated(compiled, grads, state, params) -> float:
-  """Seconds of one call of ``compiled`` on fresh copies of the donated inputs."""
+  """Seconds of one call of ``compiled`` on fresh copies of the donated
+  inputs."""
   state, params = jax.block_until_ready(jax.tree.map(jnp.copy, (state, params)))
   start = time.perf_counter()
   jax.block_until_ready(compiled(grads, state, params))
@@ -139,18 +149,24 @@ def step_times(
   / T``. Returns ``{name: {keep_step_s, update_step_s, amortized_s}}``.
   """
   grads = jax.tree.map(
-    lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params
+    lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
+    params,
   )
   setups = {}
   for name, tx in optimizers.items():
-    _, state = jax.jit(tx.update)(grads, tx.init(params), params)  # makes the bases
-    keep_state = with_count(state, 1)  # steps 2 .. loop_steps + 1 keep the basis
+    # makes the bases
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    # steps 2 .. loop_steps + 1 keep the basis
+    keep_state = with_count(state, 1)
     one_keep, one_update = (
       common.median_seconds(jax.jit(tx.update), grads, s, params)[0]
       for s in (keep_state, with_count(state, update_interval))
     )
-    loop = training_loop(tx, loop_steps).lower(grads, keep_state, params).compile()
-    setups[name] = (loop, keep_state, one_update - one_keep)  # update's extra cost
+    loop = (
+      training_loop(tx, loop_steps).lower(grads, keep_state, params).compile()
+    )
+    # update's extra cost
+    setups[name] = (loop, keep_state, one_update - one_keep)
   loop_seconds = {name: [] for name in optimizers}
   for _ in range(rounds):
     for name, (loop, state, _) in setups.items():
@@ -274,12 +290,15 @@ def train_step_records(
     mesh = sharding_lib.make_mesh("none")
     shardings = sharding_lib.state_shardings(abstract, mesh, "none")
     batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
-    step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
+    step = step_lib.make_train_step(
+      cfg, graphdefs, shardings, batch_sharding, mesh
+    )
     state = step_lib.init_train_state(model_config, tx, 0, shardings)
     tokens = jax.random.randint(
       jax.random.key(1), (1, batch_size, seq_len + 1), 0, 256, jnp.int32
     )
-    state, _ = jax.block_until_ready(step(state, tokens))  # compiles, makes bases
+    # compiles, makes bases
+    state, _ = jax.block_until_ready(step(state, tokens))
     steps[name] = (step, state, tokens)
     rounds_seconds[name] = []
   for _ in range(rounds):
@@ -332,7 +351,8 @@ def rule_update_times(
       )
       key = jax.random.key(2)
       svd_seconds = None
-      for name, rule in rules.items():  # svd first: the others are compared to it
+      # svd first: the others are compared to it
+      for name, rule in rules.items():
         seconds, calls = common.median_seconds(
           jax.jit(rule.update), basis, grad, key, repeats=repeats
         )
@@ -367,7 +387,10 @@ def main(argv=None) -> None:
     "--loop-steps", type=int, default=20, help="steps per timed optimizer loop"
   )
   parser.add_argument(
-    "--rounds", type=int, default=5, help="timed loops per optimizer, taking turns"
+    "--rounds",
+    type=int,
+    default=5,
+    help="timed loops per optimizer, taking turns",
   )
   parser.add_argument(
     "--train-models",
@@ -443,7 +466,8 @@ def main(argv=None) -> None:
       ),
       matrix_rows,
     )
-    + "\n## Whole training step (forward, backward, update), byte vocabulary\n\n"
+    + "\n## Whole training step (forward, backward, update), byte"
+    " vocabulary\n\n"
     + common.markdown_table(
       ("model", "batch", "T", "optimizer", "amortized step (ms)", "/ adamw"),
       train_rows,
@@ -456,7 +480,8 @@ def main(argv=None) -> None:
   path = common.write_results(
     "speed-quick" if args.quick else "speed",
     {
-      "command": "python -m benchmarks.speed" + (" --quick" if args.quick else ""),
+      "command": "python -m benchmarks.speed"
+      + (" --quick" if args.quick else ""),
       "model": model,
       "update_interval": args.update_interval,
       "quick": args.quick,

@@ -31,7 +31,13 @@ def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.walk_angle",
     "Train with GrassWalk at several rotation angles.",
-    exclude=("optimizer", "step_size", "checkpoint_dir", "checkpoint_every", "resume"),
+    exclude=(
+      "optimizer",
+      "step_size",
+      "checkpoint_dir",
+      "checkpoint_every",
+      "resume",
+    ),
   )
   parser.add_argument("--angles", default=",".join(f"{a:.4g}" for a in ANGLES))
   parser.set_defaults(out_dir="runs/walk_angle")
@@ -40,7 +46,9 @@ def main(argv=None) -> None:
   records = []
   for angle in (float(a) for a in args.angles.split(",")):
     run_cfg = dataclasses.replace(
-      cfg, step_size=angle, out_dir=str(Path(cfg.out_dir) / f"angle-{angle:.4g}")
+      cfg,
+      step_size=angle,
+      out_dir=str(Path(cfg.out_dir) / f"angle-{angle:.4g}"),
     )
     summary = train_lib.train(run_cfg).summary
     records.append(
@@ -55,7 +63,9 @@ def main(argv=None) -> None:
   budget = common.run_budget(cfg)
   tables = f"Budget: {budget}.\n\n" + common.markdown_table(
     ("angle (rad)", "final eval loss", "final train loss"),
-    [(r["angle"], r["final_eval_loss"], r["final_train_loss"]) for r in records],
+    [
+      (r["angle"], r["final_eval_loss"], r["final_train_loss"]) for r in records
+    ],
   )
   tables += f"\nLowest eval loss at angle {best['angle']:.4g}.\n"
   path = common.write_results("walk_angle", {"budget": budget}, records, tables)

@@ -1,4 +1,5 @@
-"""bfloat16 weights (and state): the loss of stochastic and nearest rounding against float32.
+"""bfloat16 weights (and state): the loss of stochastic and nearest rounding
+against float32.
 
     python -m benchmarks.weight_dtype
     python -m benchmarks.weight_dtype --optimizers grasswalk --seeds 0,1,2
@@ -25,9 +26,12 @@ from examples.llama.errors import reports_user_errors
 
 SETTINGS = {
   "float32": dict(param_dtype="float32"),
-  "bfloat16, stochastic": dict(param_dtype="bfloat16", stochastic_rounding=True),
+  "bfloat16, stochastic": dict(
+    param_dtype="bfloat16", stochastic_rounding=True
+  ),
   "bfloat16, nearest": dict(param_dtype="bfloat16", stochastic_rounding=False),
-  # The 24 GiB recipe's state: moments and bases in bfloat16 too (low-rank only).
+  # The 24 GiB recipe's state: moments and bases in bfloat16 too (low-rank
+  # only).
   "bfloat16 + bf16 moments and bases": dict(
     param_dtype="bfloat16", moment_dtype="bfloat16", basis_dtype="bfloat16"
   ),
@@ -77,7 +81,9 @@ def main(argv=None) -> None:
             "final_eval_loss": summary["final_eval_loss"],
           }
         )
-        print(f"{optimizer} seed {seed} {setting}: {summary['final_eval_loss']:.4f}")
+        print(
+          f"{optimizer} seed {seed} {setting}: {summary['final_eval_loss']:.4f}"
+        )
   rows = []
   for optimizer in args.optimizers.split(","):
     for setting in SETTINGS:
@@ -89,12 +95,16 @@ def main(argv=None) -> None:
       if not losses:
         continue
       spread = statistics.stdev(losses) if len(losses) > 1 else float("nan")
-      rows.append((optimizer, setting, len(losses), statistics.mean(losses), spread))
+      rows.append(
+        (optimizer, setting, len(losses), statistics.mean(losses), spread)
+      )
   budget = common.run_budget(cfg)
   tables = f"Budget: {budget}.\n\n" + common.markdown_table(
     ("optimizer", "weights", "seeds", "mean eval loss", "std"), rows
   )
-  path = common.write_results("weight_dtype", {"budget": budget}, records, tables)
+  path = common.write_results(
+    "weight_dtype", {"budget": budget}, records, tables
+  )
   print(f"\n{tables}\nwrote {path}")
 
 

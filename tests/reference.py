@@ -72,8 +72,8 @@ def rotate(
 ) -> tuple[np.ndarray, np.ndarray]:
   """AO: the moments left by step ``t - 1`` carried onto the basis ``s_new``.
 
-  ``P = S_new^T S_old`` (``r x r``), ``c1 = 1 - b1^(t-1)``, ``c2 = 1 - b2^(t-1)``,
-  squares elementwise:
+  ``P = S_new^T S_old`` (``r x r``), ``c1 = 1 - b1^(t-1)``,
+  ``c2 = 1 - b2^(t-1)``, squares elementwise:
 
       M' = P M
       V' = c2 | (P * P) (V / c2 - M^2 / c1^2) + (P M)^2 / c1^2 |
@@ -106,7 +106,9 @@ def recovery_term(
   """
   g_low = s.T @ g
   delta = g - s @ g_low
-  phi = np.linalg.norm(direction, axis=0) / (np.linalg.norm(g_low, axis=0) + RS_EPS)
+  phi = np.linalg.norm(direction, axis=0) / (
+    np.linalg.norm(g_low, axis=0) + RS_EPS
+  )
   lam = phi[None, :] * delta
   norm = np.linalg.norm(lam)
   limited = (not first) and norm / (previous_norm + RS_EPS) > zeta
@@ -247,7 +249,8 @@ def run(
 
 
 def tangent(s: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """``H = (I - S S^T) X``, the projection of ``X`` on the tangent space at ``S``."""
+  """``H = (I - S S^T) X``, the projection of ``X`` on the tangent space at
+  ``S``."""
   return x - s @ (s.T @ x)
 
 
@@ -292,7 +295,8 @@ def rank_k_part(h: np.ndarray, k: int) -> np.ndarray:
 def geodesic_step(
   s: np.ndarray, h: np.ndarray, step_size: float, *, k: int = 1, normalize: bool
 ) -> np.ndarray:
-  """``qr_positive(S(step_size))`` along the top-``k`` part of the tangent ``H``.
+  """``qr_positive(S(step_size))`` along the top-``k`` part of the tangent
+  ``H``.
 
   With ``normalize`` the tangent's singular values are scaled to unit Frobenius
   norm, so ``step_size`` is the geodesic distance travelled, in radians.
@@ -313,11 +317,14 @@ def tracking_step(
   canonical gradient ``G``.
   """
   a = s.T @ g
-  return geodesic_step(s, 2.0 * (g - s @ a) @ a.T, step_size, normalize=normalize)
+  return geodesic_step(
+    s, 2.0 * (g - s @ a) @ a.T, step_size, normalize=normalize
+  )
 
 
 def random_walk_step(s: np.ndarray, x: np.ndarray, angle: float) -> np.ndarray:
-  """GrassWalk: rotate by ``angle`` radians along the rank-1 part of ``(I - S S^T) X``."""
+  """GrassWalk: rotate by ``angle`` radians along the rank-1 part of
+  ``(I - S S^T) X``."""
   return geodesic_step(s, tangent(s, x), angle, normalize=True)
 
 

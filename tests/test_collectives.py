@@ -44,10 +44,15 @@ SCRIPT = textwrap.dedent(
     for name, tx in optimizers.items():
         state = jax.eval_shape(tx.init, params)
         ps, ss = fsdp_shardings(params, mesh), fsdp_shardings(state, mesh)
-        update = jax.jit(tx.update, in_shardings=(ps, ss, ps), out_shardings=(ps, ss))
-        found = collectives(update.lower(params, state, params).compile().as_text())
+        update = jax.jit(
+            tx.update, in_shardings=(ps, ss, ps), out_shardings=(ps, ss)
+        )
+        found = collectives(
+            update.lower(params, state, params).compile().as_text()
+        )
         gathered = max(
-            (c.largest_elements for c in found if c.kind == "all-gather"), default=0
+            (c.largest_elements for c in found if c.kind == "all-gather"),
+            default=0,
         )
         print(f"{name}: {len(found)} collectives, largest gather {gathered}")
   """
@@ -61,7 +66,11 @@ def test_only_the_exact_svd_gathers_a_gradient():
   ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   result = subprocess.run(
-    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert result.returncode == 0, result.stdout + result.stderr
   largest = {

@@ -1,4 +1,5 @@
-"""grassjax.diagnostics: energy fraction, principal angles, subspace motion, bytes."""
+"""grassjax.diagnostics: energy fraction, principal angles, subspace motion,
+bytes."""
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,20 @@ def _step(tx, params, grads, state=None):
 
 
 def test_energy_fraction_is_one_inside_and_zero_outside_the_subspace():
-  params = {"w": jnp.zeros((6, 10)), "stack": jnp.zeros((2, 6, 10)), "b": jnp.zeros(3)}
-  tx = optax.chain(optax.clip_by_global_norm(1e3), grassjax.galore(1e-2, rank=2))
+  params = {
+    "w": jnp.zeros((6, 10)),
+    "stack": jnp.zeros((2, 6, 10)),
+    "b": jnp.zeros(3),
+  }
+  tx = optax.chain(
+    optax.clip_by_global_norm(1e3), grassjax.galore(1e-2, rank=2)
+  )
   low_rank = jnp.outer(jnp.arange(1.0, 7.0), jnp.ones(10))  # rank one
-  grads = {"w": low_rank, "stack": jnp.stack([low_rank, -low_rank]), "b": jnp.ones(3)}
+  grads = {
+    "w": low_rank,
+    "stack": jnp.stack([low_rank, -low_rank]),
+    "b": jnp.ones(3),
+  }
   _, state = _step(tx, params, grads)
   fraction = diagnostics.energy_fraction(grads, state)
   np.testing.assert_allclose(fraction["w"], 1.0, rtol=1e-5)
@@ -39,12 +50,16 @@ def test_energy_fraction_is_one_inside_and_zero_outside_the_subspace():
 def test_principal_angles_and_walk_motion():
   eye = jnp.eye(4)[:, :2]
   angle = 0.3
-  rotated = eye.at[:, 1].set(jnp.array([0.0, jnp.cos(angle), jnp.sin(angle), 0.0]))
+  rotated = eye.at[:, 1].set(
+    jnp.array([0.0, jnp.cos(angle), jnp.sin(angle), 0.0])
+  )
   np.testing.assert_allclose(
     diagnostics.principal_angles(eye, rotated), [0.0, angle], atol=1e-3
   )
   params = {"w": jnp.zeros((8, 12))}
-  tx = grassjax.grasswalk(1e-2, rank=3, key=KEY, update_interval=1, step_size=0.25)
+  tx = grassjax.grasswalk(
+    1e-2, rank=3, key=KEY, update_interval=1, step_size=0.25
+  )
   grads = {"w": jax.random.normal(KEY, (8, 12))}
   _, first = _step(tx, params, grads)
   before, after = _step(tx, params, grads, first)
@@ -55,7 +70,9 @@ def test_principal_angles_and_walk_motion():
 
 def test_state_bytes_of_shapes_only():
   params = {"w": jnp.zeros((64, 96)), "b": jnp.zeros(96)}
-  shapes = jax.eval_shape(grassjax.grasswalk(1e-3, rank=8, key=KEY).init, params)
+  shapes = jax.eval_shape(
+    grassjax.grasswalk(1e-3, rank=8, key=KEY).init, params
+  )
   expected = 4 * (64 * 8 + 2 * 8 * 96 + 1) + 4 * 2 * 96 + 4 + 8
   assert diagnostics.state_bytes(shapes) == expected
   adam = jax.eval_shape(optax.adam(1e-3).init, params)

@@ -69,16 +69,23 @@ class Launch(NamedTuple):
 
 
 def start(log_dir: Path, argv: list[str], processes: int) -> Launch:
-  """Starts a run: ``processes`` processes of one CPU device, or one of 2 devices."""
+  """Starts a run: ``processes`` processes of one CPU device, or one of 2
+  devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  xla_flags = [
+    f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
+  ]
   if processes == 1:
     xla_flags.append("--xla_force_host_platform_device_count=2")
   env["XLA_FLAGS"] = " ".join(xla_flags)
   model = json.dumps({**MODEL, "vocab_size": small_model().vocab_size})
   command = [sys.executable, "-c", TRAIN, model, *argv]
   if processes > 1:
-    command += ["--distributed", "--coordinator-address", f"localhost:{free_port()}"]
+    command += [
+      "--distributed",
+      "--coordinator-address",
+      f"localhost:{free_port()}",
+    ]
     command += ["--num-processes", str(processes)]
   log_dir.mkdir(parents=True, exist_ok=True)
   children, logs = [], []
@@ -159,7 +166,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
       launches[name] = start(root / name, argv, processes)
   outputs = finish(*launches.values())
   return {
-    name: (root / name, output) for name, output in zip(launches, outputs, strict=True)
+    name: (root / name, output)
+    for name, output in zip(launches, outputs, strict=True)
   }
 
 
@@ -178,18 +186,29 @@ def test_two_processes_train_as_one_process_over_two_devices(runs, mesh):
   assert "final eval loss" not in output[1]
 
 
-def test_a_two_process_checkpoint_resumes_in_two_processes_bit_for_bit(runs, tmp_path):
+def test_a_two_process_checkpoint_resumes_in_two_processes_bit_for_bit(
+  runs, tmp_path
+):
   straight, _ = runs["fsdp-2"]
   shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
   shutil.rmtree(tmp_path / "ckpt" / "20")  # as if stopped after step 10
   argv = [*ARGS, "--mesh", "fsdp", "--out-dir", str(tmp_path / "out")]
-  argv += ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10"]
-  [output] = finish(start(tmp_path / "resumed", [*argv, "--resume"], processes=2))
+  argv += [
+    "--checkpoint-dir",
+    str(tmp_path / "ckpt"),
+    "--checkpoint-every",
+    "10",
+  ]
+  [output] = finish(
+    start(tmp_path / "resumed", [*argv, "--resume"], processes=2)
+  )
   assert f"resumed from {tmp_path / 'ckpt'} at step 10" in output[0]
   assert losses(tmp_path / "out") == losses(straight / "out")
 
 
-def process_batches(rows, streams=2, micro_batch_size=4) -> data_lib.ProcessBatches:
+def process_batches(
+  rows, streams=2, micro_batch_size=4
+) -> data_lib.ProcessBatches:
   return data_lib.ProcessBatches(
     str(SAMPLE_DIR),
     data_lib.ByteTokenizer(),
@@ -234,12 +253,18 @@ def test_bad_process_flags_fail_in_one_line(capsys):
   for argv, message in (
     ([*address, *ids], "without --distributed: add --distributed"),
     (["--distributed", *address, "--num-processes", "2"], "go together"),
-    (["--distributed", "--coordinator-address", "localhost", *ids], "HOST:PORT"),
+    (
+      ["--distributed", "--coordinator-address", "localhost", *ids],
+      "HOST:PORT",
+    ),
     (
       ["--distributed", *address, "--num-processes", "2", "--process-id", "2"],
       "[0, 2)",
     ),
-    (["--distributed", *address, "--num-processes", "0", "--process-id", "0"], "> 0"),
+    (
+      ["--distributed", *address, "--num-processes", "0", "--process-id", "0"],
+      "> 0",
+    ),
     (["--data-streams", "3"], "does not divide the micro-batch of 16"),
   ):
     with pytest.raises(SystemExit):
@@ -249,7 +274,9 @@ def test_bad_process_flags_fail_in_one_line(capsys):
     assert message in error, (argv, error)
 
 
-def test_distributed_without_process_flags_or_a_cluster_fails_in_one_line(tmp_path):
+def test_distributed_without_process_flags_or_a_cluster_fails_in_one_line(
+  tmp_path,
+):
   # No scheduler's variables: nothing for jax.distributed to detect.
   env = {
     "PATH": os.environ["PATH"],
@@ -269,7 +296,8 @@ def test_distributed_without_process_flags_or_a_cluster_fails_in_one_line(tmp_pa
   assert result.returncode == 1, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(
-    "python -m examples.llama.train: error: --distributed found no cluster to join"
+    "python -m examples.llama.train: error: --distributed found no cluster to"
+    " join"
   ), result.stderr[-3000:]
   assert "--coordinator-address HOST:PORT" in last
   assert not (tmp_path / "out").exists()

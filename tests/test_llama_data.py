@@ -35,7 +35,8 @@ def shards(tmp_path: Path) -> Path:
   for shard in range(3):
     texts = [f"shard {shard} document {i}. " * (1 + i % 3) for i in range(7)]
     write_shard(
-      tmp_path / f"c4-train.{shard:05d}-of-01024.json.gz", [record(t) for t in texts]
+      tmp_path / f"c4-train.{shard:05d}-of-01024.json.gz",
+      [record(t) for t in texts],
     )
   write_shard(
     tmp_path / "c4-validation.00000-of-00008.json.gz",
@@ -46,7 +47,12 @@ def shards(tmp_path: Path) -> Path:
 
 def batches(data_dir, n, seed=0, seq_len=15, batch_size=2):
   it = data_lib.PackedBatches(
-    str(data_dir), "train", BYTES, seq_len=seq_len, batch_size=batch_size, seed=seed
+    str(data_dir),
+    "train",
+    BYTES,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=seed,
   )
   return it, [next(it) for _ in range(n)]
 
@@ -101,8 +107,12 @@ def test_restored_state_continues_with_the_next_unseen_batch(shards, stop):
 
 
 def test_eval_batches_are_the_validation_split_in_order(shards):
-  a = data_lib.eval_batches(str(shards), BYTES, seq_len=15, batch_size=2, max_batches=3)
-  b = data_lib.eval_batches(str(shards), BYTES, seq_len=15, batch_size=2, max_batches=3)
+  a = data_lib.eval_batches(
+    str(shards), BYTES, seq_len=15, batch_size=2, max_batches=3
+  )
+  b = data_lib.eval_batches(
+    str(shards), BYTES, seq_len=15, batch_size=2, max_batches=3
+  )
   assert len(a) == 3
   np.testing.assert_array_equal(np.stack(a), np.stack(b))
   assert BYTES.decode(a[0][0]).startswith("validation 0. ")
@@ -123,7 +133,9 @@ def test_resume_past_malformed_lines_reads_each_document_once(tmp_path):
   # Every shard has bad lines among its first documents, so most positions
   # saved in the first epoch lie past one.
   for shard in range(2):
-    texts = [record(f"shard {shard} document {i}. " * (1 + i % 3)) for i in range(8)]
+    texts = [
+      record(f"shard {shard} document {i}. " * (1 + i % 3)) for i in range(8)
+    ]
     texts[1:1] = ["{not json", json.dumps({"no_text": 1})]
     texts.insert(5, "[1, 2]")
     write_shard(tmp_path / f"c4-train.{shard:05d}-of-01024.json.gz", texts)
@@ -173,7 +185,9 @@ def test_unusable_shards_fail_when_the_iterator_is_made(tmp_path, lines):
       )
 
 
-def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(tmp_path):
+def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(
+  tmp_path,
+):
   good = [record("good text here. " * 3) for _ in range(5)]
   write_shard(
     tmp_path / "c4-train.00000-of-01024.json.gz",
@@ -186,7 +200,9 @@ def test_corrupt_lines_are_skipped_with_a_count_and_bad_gzip_is_reported(tmp_pat
   messages = " ".join(str(w.message) for w in caught)
   assert "line 2 is not a JSON object" in messages
   assert "skipped 2 malformed line(s) (first at line 2)" in messages
-  assert "c4-train.00001-of-01024.json.gz" in messages and "unreadable" in messages
+  assert (
+    "c4-train.00001-of-01024.json.gz" in messages and "unreadable" in messages
+  )
   text = BYTES.decode(np.concatenate([b.reshape(-1) for b in out]))
   assert "good text here." in text
 
@@ -219,4 +235,6 @@ def test_missing_hub_packages_are_explained_before_any_batch(monkeypatch):
   with pytest.raises(UserError, match="--tokenizer byte"):
     data_lib.load_tokenizer("t5-base")
   with pytest.raises(UserError, match="datasets package"):
-    data_lib.PackedBatches("hf", "train", BYTES, seq_len=15, batch_size=2, seed=0)
+    data_lib.PackedBatches(
+      "hf", "train", BYTES, seq_len=15, batch_size=2, seed=0
+    )

@@ -1,4 +1,5 @@
-"""The LLaMA example's model: shapes, causality, parameter counts, layer layouts."""
+"""The LLaMA example's model: shapes, causality, parameter counts, layer
+layouts."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from examples.llama import model as model_lib
 SMALL = model_lib.get_config("tiny").replace(
   vocab_size=50, dim=32, hidden_dim=64, n_heads=2, n_layers=2, max_seq_len=16
 )
-TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32)
+TOKENS = jnp.asarray(
+  np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32
+)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -50,7 +53,9 @@ def test_parameter_counts_match_the_formula(name):
   # block) + d (final norm) + d V (LM head).
   config = model_lib.get_config(name)
   d, h, v = config.dim, config.hidden_dim, config.vocab_size
-  formula = v * d + config.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d + d * v
+  formula = (
+    v * d + config.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d + d * v
+  )
   assert model_lib.param_count(config) == formula
 
 
@@ -96,7 +101,9 @@ def _stack_layers(state: nnx.State) -> dict:
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
-def test_scanned_and_rematerialized_layers_compute_the_same_function(scan_layers):
+def test_scanned_and_rematerialized_layers_compute_the_same_function(
+  scan_layers,
+):
   plain = model_lib.Llama(SMALL, rngs=nnx.Rngs(0))
   other = model_lib.Llama(
     SMALL.replace(scan_layers=scan_layers, remat=True), rngs=nnx.Rngs(1)
@@ -112,7 +119,9 @@ def test_scanned_and_rematerialized_layers_compute_the_same_function(scan_layers
   grad_other = nnx.to_pure_dict(nnx.grad(loss)(other))
   chex.assert_trees_all_close(grad_plain, grad_other, rtol=1e-4, atol=1e-6)
   if scan_layers:
-    q_kernel = nnx.state(other, nnx.Param)["layers"]["attention"]["q_proj"]["kernel"]
+    q_kernel = nnx.state(other, nnx.Param)["layers"]["attention"]["q_proj"][
+      "kernel"
+    ]
     chex.assert_shape(q_kernel, (SMALL.n_layers, SMALL.dim, SMALL.dim))
 
 
@@ -126,12 +135,16 @@ def _by_path(tree) -> dict:
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_low_rank_mask_projects_attention_and_mlp_kernels_only(scan_layers):
-  model = model_lib.Llama(SMALL.replace(scan_layers=scan_layers), rngs=nnx.Rngs(0))
+  model = model_lib.Llama(
+    SMALL.replace(scan_layers=scan_layers), rngs=nnx.Rngs(0)
+  )
   # nnx.Optimizer hands the mask the nnx.State of the parameters, whose paths
   # end in `.value`; a pure dict of them gets the same mask.
   params = nnx.state(model, nnx.Param)
   mask = jax.tree.leaves(model_lib.low_rank_mask(params))
-  assert mask == jax.tree.leaves(model_lib.low_rank_mask(nnx.to_pure_dict(params)))
+  assert mask == jax.tree.leaves(
+    model_lib.low_rank_mask(nnx.to_pure_dict(params))
+  )
   n_projected = 7 * (1 if scan_layers else SMALL.n_layers)
   assert sum(mask) == n_projected
 
@@ -151,7 +164,9 @@ def test_low_rank_mask_projects_attention_and_mlp_kernels_only(scan_layers):
 
   state = grassjax.diagnostics.find_subspace_state(optimizer.opt_state)
   bases, moments = _by_path(state.basis), _by_path(state.mu)
-  projected = {name for name, b in bases.items() if not isinstance(b, optax.MaskedNode)}
+  projected = {
+    name for name, b in bases.items() if not isinstance(b, optax.MaskedNode)
+  }
   assert len(projected) == n_projected
   for kernel in model_lib.LOW_RANK_KERNELS:
     assert any(f"'{kernel}'" in name for name in projected), kernel

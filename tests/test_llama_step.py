@@ -1,4 +1,5 @@
-"""The training step: fused equals unfused, clipping, rounding, and its memory."""
+"""The training step: fused equals unfused, clipping, rounding, and its
+memory."""
 
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ def _run(cfg: config_lib.TrainConfig, steps: int, tokens=None):
   energy fractions per step)."""
   model_config = config_lib.model_config(cfg, VOCAB)
   tx = config_lib.make_optimizer(cfg)
-  graphdefs, abstract = step_lib.abstract_train_state(model_config, tx, cfg.seed)
+  graphdefs, abstract = step_lib.abstract_train_state(
+    model_config, tx, cfg.seed
+  )
   mesh = sharding_lib.make_mesh("none")
   shardings = sharding_lib.state_shardings(abstract, mesh, "none")
   state = step_lib.init_train_state(model_config, tx, cfg.seed, shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
-  step = step_lib.make_train_step(cfg, graphdefs, shardings, batch_sharding, mesh)
+  step = step_lib.make_train_step(
+    cfg, graphdefs, shardings, batch_sharding, mesh
+  )
   if tokens is None:
     tokens = np.random.default_rng(0).integers(0, VOCAB, (steps, 1, 4, 33))
   losses, energy = [], []
@@ -100,7 +105,7 @@ def test_fused_update_with_bfloat16_weights_and_state_equals_unfused():
     assert np.all(np.abs(a - b)[differ] <= 2**-7 * np.abs(a)[differ])
 
 
-def test_energy_measured_in_the_backward_loop_equals_the_energy_of_the_gradient():
+def test_energy_measured_in_the_backward_loop_equals_the_energy_of_the_gradient():  # noqa: E501
   # One micro-batch: a scanned model measures each block's energy fraction
   # inside its backward loop. Two equal micro-batches: the gradient is the
   # same, and its energy is measured on the whole accumulated tree.
@@ -108,7 +113,9 @@ def test_energy_measured_in_the_backward_loop_equals_the_energy_of_the_gradient(
   tokens = np.random.default_rng(1).integers(0, VOCAB, (6, 1, 2, 33))
   in_loop = _run(cfg, 6, tokens)[2]
   accumulated = _run(
-    dataclasses.replace(cfg, batch_size=4, grad_accum=2), 6, tokens.repeat(2, axis=1)
+    dataclasses.replace(cfg, batch_size=4, grad_accum=2),
+    6,
+    tokens.repeat(2, axis=1),
   )[2]
   for a, b in zip(in_loop[1:], accumulated[1:], strict=True):
     assert a.keys() == b.keys() and len(a) == 7
@@ -121,12 +128,18 @@ def test_clip_per_layer_clips_each_block_and_the_rest():
     "embed": {"e": jnp.full((4,), 3.0)},
   }
   clipped = step_lib.clip_per_layer(grads, max_norm=1.0)
-  np.testing.assert_allclose(np.linalg.norm(clipped["layers"]["w"][0]), 1.0, rtol=1e-6)
-  np.testing.assert_array_equal(clipped["layers"]["w"][1], grads["layers"]["w"][1])
-  np.testing.assert_allclose(np.linalg.norm(clipped["embed"]["e"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.linalg.norm(clipped["layers"]["w"][0]), 1.0, rtol=1e-6
+  )
+  np.testing.assert_array_equal(
+    clipped["layers"]["w"][1], grads["layers"]["w"][1]
+  )
+  np.testing.assert_allclose(
+    np.linalg.norm(clipped["embed"]["e"]), 1.0, rtol=1e-6
+  )
 
 
-def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update():
+def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update():  # noqa: E501
   weight = jnp.float32(1.0)
   update = jnp.float32(1e-4)  # far below bfloat16's spacing at 1 (2^-7)
   bits = jax.random.bits(jax.random.key(0), (20000,), jnp.uint32)
@@ -147,7 +160,8 @@ def test_stacked_leaf_step_memory_stays_within_the_state_saving():
   # 16 blocks, so that one block's work (allowed) is small next to a stack.
   settings = dict(RUN, clip="global", rank=32, batch_size=2, seq_len=32)
   model_config = dataclasses.replace(
-    config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB), n_layers=16
+    config_lib.model_config(config_lib.TrainConfig(**settings), VOCAB),
+    n_layers=16,
   )
   adamw, *low_rank = (
     memory_lib.step_memory(
@@ -157,7 +171,9 @@ def test_stacked_leaf_step_memory_stays_within_the_state_saving():
   )
   for memory in low_rank:
     assert memory["peak"] - adamw["peak"] <= (
-      memory["optimizer_state"] - adamw["optimizer_state"] + 0.02 * adamw["peak"]
+      memory["optimizer_state"]
+      - adamw["optimizer_state"]
+      + 0.02 * adamw["peak"]
     )
 
 
@@ -181,7 +197,11 @@ def test_metrics_keep_a_nan_loss_and_drop_the_first_steps_nan_energy(tmp_path):
     (2, {"loss": jnp.float32(1.0), "energy_q_proj": jnp.float32(0.5)}),
   ]
   metrics_lib.record_losses(
-    pending, lambda step: step * 0.0, log, metrics_lib.Throughput(1), tqdm(disable=True)
+    pending,
+    lambda step: step * 0.0,
+    log,
+    metrics_lib.Throughput(1),
+    tqdm(disable=True),
   )
   first, second = log.records
   assert np.isnan(first["loss"]) and "energy_q_proj" not in first

@@ -73,17 +73,26 @@ def losses(result: train_lib.RunResult) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> tuple[Path, train_lib.RunResult]:
-  """A GrassWalk run with checkpoints at steps 3 and 6: its directory and result."""
+  """A GrassWalk run with checkpoints at steps 3 and 6: its directory and
+  result."""
   run_dir = tmp_path_factory.mktemp("finished")
-  cfg = small_run(run_dir, checkpoint_dir=str(run_dir / "ckpt"), checkpoint_every=3)
-  return run_dir, train_lib.train(cfg, model_config=small_model(), progress=False)
+  cfg = small_run(
+    run_dir, checkpoint_dir=str(run_dir / "ckpt"), checkpoint_every=3
+  )
+  return run_dir, train_lib.train(
+    cfg, model_config=small_model(), progress=False
+  )
 
 
 def copy_of(finished, tmp_path: Path, **overrides) -> config_lib.TrainConfig:
-  """The finished run's configuration, on a copy of its outputs and checkpoints."""
+  """The finished run's configuration, on a copy of its outputs and
+  checkpoints."""
   shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
   return small_run(
-    tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3, **overrides
+    tmp_path,
+    checkpoint_dir=str(tmp_path / "ckpt"),
+    checkpoint_every=3,
+    **overrides,
   )
 
 
@@ -103,7 +112,9 @@ def test_every_optimizer_learns_and_compare_writes_its_report(tmp_path):
     summary = result.summary
     assert summary["final_eval_loss"] < curve[0], name
     ratio = summary["state_bytes_ratio_to_adamw"]
-    assert ratio < 0.9 if name != "adamw" else ratio == pytest.approx(1, abs=1e-3)
+    assert (
+      ratio < 0.9 if name != "adamw" else ratio == pytest.approx(1, abs=1e-3)
+    )
     run_dir = tmp_path / "cmp" / name
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert (run_dir / "loss.png").stat().st_size > 0
@@ -125,10 +136,14 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(
   # A run stopped after step 3 leaves the step-3 checkpoint as the latest.
   shutil.rmtree(ckpt / "6")
   resumed = train_lib.train(
-    dataclasses.replace(cfg, resume=True), model_config=small_model(), progress=False
+    dataclasses.replace(cfg, resume=True),
+    model_config=small_model(),
+    progress=False,
   )
   assert losses(resumed) == losses(straight)
-  assert resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  assert (
+    resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  )
 
   # Without --resume, a directory holding checkpoints is not reused.
   with pytest.raises(UserError, match="--resume"):
@@ -137,14 +152,17 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(
   # Another configuration is refused, naming the fields, and nothing is touched.
   metrics = (tmp_path / "out" / "metrics.jsonl").read_text()
   steps = sorted(p.name for p in ckpt.iterdir())
-  other = dataclasses.replace(cfg, resume=True, rank=4, optimizer="grassjump", lr=0.1)
+  other = dataclasses.replace(
+    cfg, resume=True, rank=4, optimizer="grassjump", lr=0.1
+  )
   with pytest.raises(checkpoint_lib.ConfigMismatchError) as err:
     train_lib.train(other, model_config=small_model(), progress=False)
   for text in ("rank: checkpoint 8, now 4", "optimizer:", "lr:"):
     assert text in str(err.value)
   assert "seed" not in str(err.value)
   with pytest.raises(
-    checkpoint_lib.ConfigMismatchError, match=r"model\.dim: checkpoint 32, now 48"
+    checkpoint_lib.ConfigMismatchError,
+    match=r"model\.dim: checkpoint 32, now 48",
   ):
     train_lib.train(
       dataclasses.replace(cfg, resume=True),
@@ -161,7 +179,9 @@ def test_resume_from_the_final_checkpoint_evaluates_into_any_out_dir(
   straight = finished[1]
   cfg = copy_of(finished, tmp_path, resume=True)
   same = train_lib.train(cfg, model_config=small_model(), progress=False)
-  assert same.summary["final_train_loss"] == straight.summary["final_train_loss"]
+  assert (
+    same.summary["final_train_loss"] == straight.summary["final_train_loss"]
+  )
   assert same.records == straight.records
 
   fresh = tmp_path / "fresh"
@@ -181,7 +201,9 @@ def test_resume_from_the_final_checkpoint_evaluates_into_any_out_dir(
 # Reading a damaged checkpoint fails with tensorstore reads still in flight;
 # their callbacks may later meet orbax's closed event loop.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+  finished, tmp_path
+):
   straight = finished[1]
   cfg = copy_of(finished, tmp_path, resume=True)
   ckpt = tmp_path / "ckpt"
@@ -191,7 +213,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_
 
   # With no readable checkpoint before it, the damaged step is named.
   shutil.rmtree(ckpt / "3")
-  with pytest.raises(UserError, match=r"checkpoint step 6 is damaged \(") as err:
+  with pytest.raises(
+    UserError, match=r"checkpoint step 6 is damaged \("
+  ) as err:
     train_lib.train(cfg, model_config=small_model(), progress=False)
   assert "\n" not in str(err.value)
   shutil.copytree(pristine / "3", ckpt / "3")
@@ -199,7 +223,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_
   with pytest.warns(UserWarning, match="checkpoint step 6 in .* is damaged"):
     resumed = train_lib.train(cfg, model_config=small_model(), progress=False)
   assert losses(resumed) == losses(straight)
-  assert resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  assert (
+    resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  )
   # Step 6 was saved again, whole: resuming from it warns of nothing.
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
@@ -228,7 +254,9 @@ def test_a_run_that_fails_before_its_first_step_leaves_earlier_outputs(
     patch.setattr(train_lib, "make_train_step", failing_step)
     with pytest.raises(RuntimeError, match="device lost"):
       train_lib.train(cfg, model_config=small_model(), progress=False)
-  assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == earlier
+  assert {
+    p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()
+  } == earlier
 
   # A run that starts replaces them, and says so.
   result = train_lib.train(cfg, model_config=small_model(), progress=False)
@@ -266,13 +294,24 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
   bad_shards = tmp_path / "bad"
   bad_shards.mkdir()
   for split in ("train", "validation"):
-    with gzip.open(bad_shards / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+    with gzip.open(
+      bad_shards / f"c4-{split}.00000-of-00001.json.gz", "wt"
+    ) as f:
       f.write('{"url": "no text"}\n')
   (tmp_path / "file").write_text("")
   monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
   monkeypatch.setitem(sys.modules, "datasets", None)
   monkeypatch.setattr(train_lib, "make_train_step", no_training_step)
-  small = ["--steps", "2", "--warmup", "0", "--batch-size", "2", "--seq-len", "32"]
+  small = [
+    "--steps",
+    "2",
+    "--warmup",
+    "0",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+  ]
   out = ["--out-dir", str(tmp_path / "out")]
   for argv, message in (
     (["--rank", "1000", *out], "--rank 1000 exceeds 128"),
@@ -283,8 +322,14 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
     (["--tokenizer", "t5-base", *out], "--tokenizer byte"),
     (["--out-dir", str(tmp_path / "file")], "is a file"),
     (["--checkpoint-dir", str(tmp_path / "file"), *out], "is a file"),
-    (["--vocab-size", "100", *out], "--vocab-size 100 is smaller than the 259 tokens"),
-    (["--vocab-size", "100", "--dry-run"], "--tokenizer byte: use --vocab-size 259"),
+    (
+      ["--vocab-size", "100", *out],
+      "--vocab-size 100 is smaller than the 259 tokens",
+    ),
+    (
+      ["--vocab-size", "100", "--dry-run"],
+      "--tokenizer byte: use --vocab-size 259",
+    ),
   ):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
@@ -303,9 +348,13 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
     train_lib.main(small)
 
 
-def test_mesh_none_in_a_multi_process_run_is_a_user_error(tmp_path, monkeypatch):
+def test_mesh_none_in_a_multi_process_run_is_a_user_error(
+  tmp_path, monkeypatch
+):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(UserError, match="a multi-process run needs --mesh dp or fsdp"):
+  with pytest.raises(
+    UserError, match="a multi-process run needs --mesh dp or fsdp"
+  ):
     sharding_lib.make_mesh("none")
   monkeypatch.setattr(train_lib, "make_train_step", no_training_step)
   with pytest.raises(SystemExit) as exit:
@@ -315,8 +364,15 @@ def test_mesh_none_in_a_multi_process_run_is_a_user_error(tmp_path, monkeypatch)
   )
 
 
-def test_every_entry_point_that_trains_reports_user_errors_in_one_line(tmp_path):
-  missing = ["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]
+def test_every_entry_point_that_trains_reports_user_errors_in_one_line(
+  tmp_path,
+):
+  missing = [
+    "--data-dir",
+    str(tmp_path / "missing"),
+    "--out-dir",
+    str(tmp_path),
+  ]
   error = f"error: data directory {tmp_path / 'missing'} does not exist"
   for prog, main in (
     ("python -m examples.llama.compare", compare_lib.main),
@@ -327,7 +383,9 @@ def test_every_entry_point_that_trains_reports_user_errors_in_one_line(tmp_path)
     with pytest.raises(SystemExit) as exit:
       main(missing)
     message = str(exit.value.code)
-    assert message.startswith(f"{prog}: {error}") and "\n" not in message, message
+    assert message.startswith(f"{prog}: {error}") and "\n" not in message, (
+      message
+    )
 
   # From the command line: that line on stderr, exit status 1, no traceback.
   result = subprocess.run(
@@ -347,7 +405,9 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
   cfg = small_run(tmp_path, data_dir=str(tmp_path / "missing"))
   with pytest.raises(UserError):
     train_lib.train(cfg, model_config=small_model(), progress=False)
-  with pytest.raises(SystemExit, match=r"error: data directory .* does not exist"):
+  with pytest.raises(
+    SystemExit, match=r"error: data directory .* does not exist"
+  ):
     train_lib.main(["--data-dir", cfg.data_dir, "--out-dir", cfg.out_dir])
   assert not (tmp_path / "out").exists()
 
@@ -377,11 +437,15 @@ def test_moment_dtype_sets_the_dtype_of_every_moment(tmp_path):
     return [x for path, x in leaves if re.search(r"\['[mn]u'\]", keystr(path))]
 
   full = moments(small_run(tmp_path, optimizer="grassjump"))
-  half = moments(small_run(tmp_path, optimizer="grassjump", moment_dtype="bfloat16"))
+  half = moments(
+    small_run(tmp_path, optimizer="grassjump", moment_dtype="bfloat16")
+  )
   assert full and [x.shape for x in full] == [x.shape for x in half]
   assert {x.dtype for x in full} == {jnp.dtype("float32")}
   assert {x.dtype for x in half} == {jnp.dtype("bfloat16")}
-  adamw = config_lib.TrainConfig(moment_dtype="bfloat16").with_optimizer("adamw")
+  adamw = config_lib.TrainConfig(moment_dtype="bfloat16").with_optimizer(
+    "adamw"
+  )
   assert adamw.moment_dtype == "float32"
 
 
@@ -389,7 +453,8 @@ def test_fsdp_shards_each_state_array_on_its_own_largest_axis():
   assert sharding_lib.fsdp_spec((64, 128), 4, "fsdp") == P(None, "fsdp")
   assert sharding_lib.fsdp_spec((2, 96, 40), 4, "fsdp") == P(None, "fsdp", None)
   assert sharding_lib.fsdp_spec((250, 30), 4, "fsdp") == P()  # nothing divides
-  assert sharding_lib.fsdp_spec((64,), 4, "fsdp") == P()  # vectors are replicated
+  # vectors are replicated
+  assert sharding_lib.fsdp_spec((64,), 4, "fsdp") == P()
 
 
 SHARDED_RUNS = textwrap.dedent(
@@ -397,12 +462,20 @@ SHARDED_RUNS = textwrap.dedent(
   import json, sys
   import jax
   from jax.sharding import PartitionSpec as P
-  from examples.llama import config as config_lib, sharding as sharding_lib, step as step_lib
+  from examples.llama import (
+    config as config_lib,
+    sharding as sharding_lib,
+    step as step_lib,
+  )
   from examples.llama import train as train_lib
   from examples.llama import model as model_lib
 
   assert jax.device_count() == 4, jax.devices()
-  out_dir, run, model = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+  out_dir, run, model = (
+    sys.argv[1],
+    json.loads(sys.argv[2]),
+    json.loads(sys.argv[3]),
+  )
   model_config = model_lib.get_config("tiny").replace(**model)
   out = {}
   for mesh in ("none", "dp", "fsdp"):
@@ -415,7 +488,9 @@ SHARDED_RUNS = textwrap.dedent(
   # are split on their own largest axis.
   tx = config_lib.make_optimizer(cfg)
   _, state = step_lib.abstract_train_state(model_config, tx, 0)
-  shardings = sharding_lib.state_shardings(state, sharding_lib.make_mesh("fsdp"), "fsdp")
+  shardings = sharding_lib.state_shardings(
+    state, sharding_lib.make_mesh("fsdp"), "fsdp"
+  )
   specs = {}
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(state)[0],
                           jax.tree.leaves(shardings)):

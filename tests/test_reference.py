@@ -91,12 +91,17 @@ def matrices(shapes: dict):
       yield name, index
 
 
-def check_against_reference(shapes, grads, updates, bases, norms=None, **settings):
-  """Compares every matrix of every step; returns the reference states by matrix."""
+def check_against_reference(
+  shapes, grads, updates, bases, norms=None, **settings
+):
+  """Compares every matrix of every step; returns the reference states by
+  matrix."""
   states = {}
   for name, index in matrices(shapes):
     expected, state = reference.run(
-      [g[name][index] for g in grads], [b[name][index] for b in bases], **settings
+      [g[name][index] for g in grads],
+      [b[name][index] for b in bases],
+      **settings,
     )
     for t, (u, e) in enumerate(zip(updates, expected, strict=True), start=1):
       np.testing.assert_allclose(
@@ -135,20 +140,28 @@ def test_reference_geometry_identities():
   np.testing.assert_allclose(s.T @ h, 0.0, atol=1e-12)
   np.testing.assert_allclose(reference.geodesic(s, h, 0.0), s, atol=1e-12)
   d = 1e-6
-  velocity = (reference.geodesic(s, h, d) - reference.geodesic(s, h, -d)) / (2 * d)
+  velocity = (reference.geodesic(s, h, d) - reference.geodesic(s, h, -d)) / (
+    2 * d
+  )
   np.testing.assert_allclose(velocity, h, atol=1e-8)
   for tau in (0.3, 2.0, -5.0):
     moved = reference.geodesic(s, h, tau)
     assert orthonormality_error(moved) < 1e-12
-    np.testing.assert_allclose(moved, reference.geodesic_expm(s, h, tau), atol=1e-12)
+    np.testing.assert_allclose(
+      moved, reference.geodesic_expm(s, h, tau), atol=1e-12
+    )
   # A unit rank-1 walk of angle a: one principal angle a, the others 0.
   moved = reference.random_walk_step(s, rng.standard_normal((7, 3)), 0.7)
   cosines = np.linalg.svd(s.T @ moved, compute_uv=False)
-  np.testing.assert_allclose(np.sort(cosines), [np.cos(0.7), 1.0, 1.0], atol=1e-12)
+  np.testing.assert_allclose(
+    np.sort(cosines), [np.cos(0.7), 1.0, 1.0], atol=1e-12
+  )
   # Tracking descends the projection error for a small step.
   g = rng.standard_normal((7, 9))
   tracked = reference.tracking_step(s, g, 1e-3)
-  assert reference.projection_error(tracked, g) < reference.projection_error(s, g)
+  assert reference.projection_error(tracked, g) < reference.projection_error(
+    s, g
+  )
 
 
 def test_reference_rotation_identities():
@@ -208,7 +221,9 @@ def grid_settings(adaptive_optimizer: bool, recovery_scaling: bool) -> dict:
 def grid_run(rule: str, adaptive_optimizer: bool, recovery_scaling: bool):
   """The library on one cell (cached: the geometry test reuses the runs)."""
   settings = grid_settings(adaptive_optimizer, recovery_scaling)
-  tx = grassjax.scale_by_subspace_adam(RULES[rule], rank=RANK, key=KEY, **settings)
+  tx = grassjax.scale_by_subspace_adam(
+    RULES[rule], rank=RANK, key=KEY, **settings
+  )
   grads = gradients(SHAPES)
   return (grads, *run_library(tx, grads))
 
@@ -217,8 +232,12 @@ def grid_run(rule: str, adaptive_optimizer: bool, recovery_scaling: bool):
   "rule, adaptive_optimizer, recovery_scaling",
   list(itertools.product(RULES, (False, True), (False, True))),
 )
-def test_grid_cell_matches_reference(rule, adaptive_optimizer, recovery_scaling):
-  grads, updates, bases, norms = grid_run(rule, adaptive_optimizer, recovery_scaling)
+def test_grid_cell_matches_reference(
+  rule, adaptive_optimizer, recovery_scaling
+):
+  grads, updates, bases, norms = grid_run(
+    rule, adaptive_optimizer, recovery_scaling
+  )
   check_against_reference(
     SHAPES,
     grads,
@@ -248,7 +267,13 @@ def test_longer_side_matches_reference(rule):
   for name, shape in ALL_SHAPES.items():
     assert bases[0][name].shape[-2] == max(shape[-2:]), name
   check_against_reference(
-    ALL_SHAPES, grads, updates, bases, norms, projected_side="longer", **settings
+    ALL_SHAPES,
+    grads,
+    updates,
+    bases,
+    norms,
+    projected_side="longer",
+    **settings,
   )
 
 
@@ -272,7 +297,9 @@ def test_rule_bases_follow_the_reference_geometry(rule):
       if rule == "random_jump":
         assert not np.allclose(new @ new.T, svd_projector(g), atol=1e-2)
       elif t == 1 or rule == "svd":
-        np.testing.assert_allclose(new @ new.T, svd_projector(g), atol=BASIS_ATOL)
+        np.testing.assert_allclose(
+          new @ new.T, svd_projector(g), atol=BASIS_ATOL
+        )
       elif rule == "tracking":
         old = bases[t - 2][name].astype(np.float64)
         expected = reference.tracking_step(old, g, TRACK_STEP)
@@ -323,7 +350,9 @@ MIXING_RULE = grassjax.SubspaceRule(
 )
 
 
-def mixing_bases(grads: list[np.ndarray], update_interval: int) -> list[np.ndarray]:
+def mixing_bases(
+  grads: list[np.ndarray], update_interval: int
+) -> list[np.ndarray]:
   """MIXING_RULE's basis on each step, in float64 NumPy."""
   bases, s = [], None
   for t, g in enumerate(grads, start=1):
@@ -343,7 +372,9 @@ def check_mixing_run(shapes, grads, updates, bases, norms, **settings):
   for name, index in matrices(shapes):
     grads_here = [g[name][index] for g in grads]
     expected_bases = mixing_bases(grads_here, settings["update_interval"])
-    for t, (b, e) in enumerate(zip(bases, expected_bases, strict=True), start=1):
+    for t, (b, e) in enumerate(
+      zip(bases, expected_bases, strict=True), start=1
+    ):
       np.testing.assert_allclose(
         b[name][index], e, atol=BASIS_ATOL, err_msg=f"{name}{index} step {t}"
       )
@@ -356,7 +387,9 @@ def check_mixing_run(shapes, grads, updates, bases, norms, **settings):
       )
     if settings["recovery_scaling"]:
       np.testing.assert_allclose(
-        [n[name][index] for n in norms], states[name, index].recovery_norms, **TOL
+        [n[name][index] for n in norms],
+        states[name, index].recovery_norms,
+        **TOL,
       )
   return states
 
@@ -364,7 +397,9 @@ def check_mixing_run(shapes, grads, updates, bases, norms, **settings):
 @pytest.mark.parametrize(
   "update_interval, scale_recovery", [(1, True), (2, False), (3, True)]
 )
-def test_pure_rule_bases_and_updates_match_numpy(update_interval, scale_recovery):
+def test_pure_rule_bases_and_updates_match_numpy(
+  update_interval, scale_recovery
+):
   settings = dict(
     update_interval=update_interval,
     adaptive_optimizer=True,
@@ -383,7 +418,9 @@ def limiter_update():
   settings = dict(
     update_interval=3, adaptive_optimizer=True, recovery_scaling=True, zeta=1.01
   )
-  return settings, grassjax.scale_by_subspace_adam(MIXING_RULE, rank=RANK, **settings)
+  return settings, grassjax.scale_by_subspace_adam(
+    MIXING_RULE, rank=RANK, **settings
+  )
 
 
 def test_growth_limiter_fires():
@@ -415,7 +452,8 @@ def test_growth_limiter_does_not_fire():
   settings, tx = limiter_update()
   direction = gradients(SHAPES, steps=1, seed=3)[0]
   grads = [
-    jax.tree.map(lambda g, t=t: g * np.float32(0.5**t), direction) for t in range(STEPS)
+    jax.tree.map(lambda g, t=t: g * np.float32(0.5**t), direction)
+    for t in range(STEPS)
   ]
   states = check_mixing_run(SHAPES, grads, *run_library(tx, grads), **settings)
   for state in states.values():
@@ -440,8 +478,11 @@ def identity_rule() -> grassjax.SubspaceRule:
 @pytest.mark.parametrize(
   "adaptive_optimizer, recovery_scaling", [(False, False), (True, True)]
 )
-def test_full_rank_identity_basis_reduces_to_adam(adaptive_optimizer, recovery_scaling):
-  """rank = min dimension, S = I, scale 1: optax.adam (AO: P = I; RS: Delta = 0)."""
+def test_full_rank_identity_basis_reduces_to_adam(
+  adaptive_optimizer, recovery_scaling
+):
+  """rank = min dimension, S = I, scale 1: optax.adam (AO: P = I; RS:
+  Delta = 0)."""
   params = {"wide": jnp.zeros((4, 6)), "tall": jnp.zeros((6, 4))}
   tx = grassjax.scale_by_subspace_adam(
     identity_rule(),
@@ -462,7 +503,9 @@ def test_full_rank_identity_basis_reduces_to_adam(adaptive_optimizer, recovery_s
     )
     u, state = update(g, state)
     a, adam_state = adam_update(g, adam_state)
-    chex.assert_trees_all_close(u, jax.tree.map(jnp.negative, a), atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(
+      u, jax.tree.map(jnp.negative, a), atol=1e-6, rtol=1e-6
+    )
   assert state.basis["wide"].shape == (4, 4)  # projected, at full rank
 
 
@@ -483,7 +526,8 @@ def test_adaptive_optimizer_is_the_identity_for_an_unchanged_basis():
 
 
 def test_default_mask_leaves_small_and_1d_leaves_to_adam():
-  """Leaves the default mask leaves out (min side <= rank, 1-D) get scale_by_adam.
+  """Leaves the default mask leaves out (min side <= rank, 1-D) get
+  scale_by_adam.
 
   (An explicit mask is covered in test_transform.py.)
   """
@@ -520,10 +564,15 @@ def test_alias_applies_learning_rate_and_decoupled_weight_decay():
   grads = gradients(SHAPES, steps=5, seed=9)
   params = gradients(SHAPES, steps=1, seed=10)[0]
   updates, bases, _ = run_library(tx, grads, params)
-  settings = dict(update_interval=2, adaptive_optimizer=True, recovery_scaling=True)
+  settings = dict(
+    update_interval=2, adaptive_optimizer=True, recovery_scaling=True
+  )
   for name, _ in matrices(SHAPES):
     expected = reference.run(
-      [g[name] for g in grads], [b[name] for b in bases], scale=scale, **settings
+      [g[name] for g in grads],
+      [b[name] for b in bases],
+      scale=scale,
+      **settings,
     )[0]
     for u, e in zip(updates, expected, strict=True):
       np.testing.assert_allclose(u[name], -lr * (e + wd * params[name]), **TOL)

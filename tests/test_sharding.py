@@ -26,7 +26,12 @@ SCRIPT = textwrap.dedent(
         "stack": jax.random.normal(key, (4, 8, 24)),
         "b": jnp.zeros((32,)),
     }
-    specs = {"w": P(None, "x"), "tall": P("x", None), "stack": P(None, None, "x"), "b": P("x")}
+    specs = {
+        "w": P(None, "x"),
+        "tall": P("x", None),
+        "stack": P(None, None, "x"),
+        "b": P("x"),
+    }
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
 
     def grads(step):
@@ -38,13 +43,18 @@ SCRIPT = textwrap.dedent(
                 for i, (n, p) in enumerate(sorted(params.items()))}
 
     optimizers = {
-        name: info.constructor(1e-2, rank=4, key=key if info.needs_key else None,
-                               update_interval=2)
+        name: info.constructor(
+            1e-2, rank=4, key=key if info.needs_key else None, update_interval=2
+        )
         for name, info in grassjax.OPTIMIZERS.items()
     }
     for name, tx in optimizers.items():
         def run(params, shard):
-            put = (lambda t: jax.device_put(t, shardings)) if shard else (lambda t: t)
+            put = (
+                (lambda t: jax.device_put(t, shardings))
+                if shard
+                else (lambda t: t)
+            )
             params = put(params)
             state = jax.jit(tx.init)(params)
             update = jax.jit(tx.update, donate_argnums=1)
@@ -58,11 +68,18 @@ SCRIPT = textwrap.dedent(
         inner = state[0]
         # A stacked leaf sharded on a matrix axis (the FSDP layout) keeps its
         # moments sharded the same way: the loop over the stack runs locally.
-        assert inner.mu["stack"].sharding.spec[-1] == "x", (name, inner.mu["stack"].sharding)
+        assert inner.mu["stack"].sharding.spec[-1] == "x", (
+            name,
+            inner.mu["stack"].sharding,
+        )
         assert len(updates["w"].sharding.device_set) == 4
-        for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((ref_updates, ref_state))):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
-                                       err_msg=name)
+        for a, b in zip(
+            jax.tree.leaves((updates, state)),
+            jax.tree.leaves((ref_updates, ref_state)),
+        ):
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name
+            )
         print(name, "ok")
     """
 )
@@ -75,7 +92,11 @@ def test_sharded_run_equals_unsharded_run():
   ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   result = subprocess.run(
-    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert result.returncode == 0, result.stdout + result.stderr
   for name in grassjax.OPTIMIZERS:

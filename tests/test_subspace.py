@@ -1,4 +1,5 @@
-"""Grassmannian geometry and subspace rules: properties that hold for any input."""
+"""Grassmannian geometry and subspace rules: properties that hold for any
+input."""
 
 import functools
 
@@ -88,17 +89,22 @@ def test_geodesic_velocity_and_matrix_exponential(seed, shape):
     np.testing.assert_allclose(velocity, h, atol=1e-6)
     skew = tau * (h @ basis.T - basis @ h.T)
     expected = jax.scipy.linalg.expm(jnp.asarray(skew)) @ b
-    np.testing.assert_allclose(subspace.geodesic(b, u, s, v, tau), expected, atol=1e-9)
+    np.testing.assert_allclose(
+      subspace.geodesic(b, u, s, v, tau), expected, atol=1e-9
+    )
 
 
 @hypothesis.given(seed=SEEDS, shape=SHAPES, angle=st.floats(0.0, 1.5))
 @SETTINGS
 def test_normalized_walk_rotates_by_exactly_step_size(seed, shape, angle):
-  """A rank-1 normalized walk: one principal angle equals step_size, the rest 0."""
+  """A rank-1 normalized walk: one principal angle equals step_size, the
+  rest 0."""
   m, r = shape
   basis = jnp.asarray(_orthonormal(seed, m, r), jnp.float32)
   moved = _walk(basis, jax.random.key(seed), angle)
-  cosines = np.linalg.svd(np.asarray(basis.T @ moved, np.float64), compute_uv=False)
+  cosines = np.linalg.svd(
+    np.asarray(basis.T @ moved, np.float64), compute_uv=False
+  )
   expected = np.ones(r)
   expected[-1] = np.cos(angle)
   np.testing.assert_allclose(np.sort(cosines), np.sort(expected), atol=2e-5)
@@ -119,7 +125,9 @@ def test_tracking_step_lowers_projection_error(seed, shape):
 
 
 @pytest.mark.parametrize(
-  "rule", [subspace.random_walk(0.3), subspace.random_jump()], ids=lambda r: r.name
+  "rule",
+  [subspace.random_walk(0.3), subspace.random_jump()],
+  ids=lambda r: r.name,
 )
 def test_random_rules_depend_on_key_only(rule):
   """Updates are a function of the basis and key alone, not of the gradient."""
@@ -179,10 +187,12 @@ def test_orthonormalize_fixes_signs_and_is_idempotent():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_tangent_of_rounding_leaves_the_basis_in_place(seed):
-  """Normalized steps must not blow a zero tangent's rounding up to a full step."""
+  """Normalized steps must not blow a zero tangent's rounding up to a full
+  step."""
   key = jax.random.key(seed)
   full = subspace.orthonormalize(jax.random.normal(key, (6, 6)))
-  walked = _walk(full, jax.random.fold_in(key, 1), 0.3)  # r = m: no tangent space
+  # r = m: no tangent space
+  walked = _walk(full, jax.random.fold_in(key, 1), 0.3)
   np.testing.assert_allclose(walked.T @ full, np.eye(6), atol=1e-5)
   basis = subspace.orthonormalize(jax.random.normal(key, (8, 3)))
   inside = basis @ jax.random.normal(jax.random.fold_in(key, 2), (3, 12))

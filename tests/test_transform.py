@@ -1,4 +1,5 @@
-"""scale_by_subspace_adam and the four optimizers: shapes, state, errors, composition."""
+"""scale_by_subspace_adam and the four optimizers: shapes, state, errors,
+composition."""
 
 import functools
 import tempfile
@@ -20,7 +21,8 @@ RANK = 4
 
 
 def _params(dtype=jnp.float32):
-  """A wide matrix, a tall one, a square one, a stack of 3 matrices and a bias."""
+  """A wide matrix, a tall one, a square one, a stack of 3 matrices and a
+  bias."""
   keys = jax.random.split(jax.random.key(1), 4)
   return {
     "wide": jax.random.normal(keys[0], (12, 20), dtype),
@@ -50,7 +52,8 @@ OPTIMIZERS = {
 
 @functools.cache
 def _compiled(name: str):
-  """One optimizer per alias (update interval 2) and its jitted, donating update.
+  """One optimizer per alias (update interval 2) and its jitted, donating
+  update.
 
   Shared by the tests below so each alias compiles once per parameter dtype.
   """
@@ -98,7 +101,11 @@ class TestAliases:
     chex.assert_shape(inner.nu["stack"], (3, r, 14))
     chex.assert_shape(inner.mu["bias"], (12,))
     assert isinstance(inner.basis["bias"], optax.MaskedNode)
-    for basis in (inner.basis["wide"], inner.basis["tall"], *inner.basis["stack"]):
+    for basis in (
+      inner.basis["wide"],
+      inner.basis["tall"],
+      *inner.basis["stack"],
+    ):
       np.testing.assert_allclose(basis.T @ basis, np.eye(r), atol=1e-5)
 
   def test_bf16_params_and_moments(self, name):
@@ -115,7 +122,9 @@ class TestAliases:
     tx32, update32 = _compiled(name)
     state32 = tx32.init(to_f32(params))
     for step in range(3):
-      expected, state32 = update32(to_f32(_grads(step, params)), state32, params)
+      expected, state32 = update32(
+        to_f32(_grads(step, params)), state32, params
+      )
     for leaf, want in expected.items():
       error = np.linalg.norm(np.asarray(updates[leaf], np.float32) - want)
       assert error <= 1e-2 * np.linalg.norm(want), leaf
@@ -133,7 +142,9 @@ class TestAliases:
       updates, state = update(jax.tree.map(make, params), state, params)
       chex.assert_tree_all_finite((updates, state))
       if step < 2:  # zero moments: no direction, no recovery term
-        chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+        chex.assert_trees_all_equal(
+          updates, jax.tree.map(jnp.zeros_like, params)
+        )
 
   def test_no_recompilation_and_update_branch_behind_cond(self, name):
     params = _params()
@@ -145,7 +156,9 @@ class TestAliases:
       _, state = update(_grads(step, params), state, params)
     assert update._cache_size() == compiled_programs
     # Decompositions appear only inside the cond/switch branches.
-    jaxpr = jax.make_jaxpr(tx.update)(_grads(0, params), tx.init(params), params)
+    jaxpr = jax.make_jaxpr(tx.update)(
+      _grads(0, params), tx.init(params), params
+    )
     top_level = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
     assert "cond" in top_level
     assert not top_level & {"svd", "qr", "householder_product", "geqrf"}
@@ -182,7 +195,9 @@ class TestAliases:
   def test_composes_with_clip_and_multisteps(self, name):
     params = _params()
     tx = optax.MultiSteps(
-      optax.chain(optax.clip_by_global_norm(1.0), OPTIMIZERS[name](update_interval=2)),
+      optax.chain(
+        optax.clip_by_global_norm(1.0), OPTIMIZERS[name](update_interval=2)
+      ),
       every_k_schedule=2,
     )
     updates, _ = _run(tx, params, 4)
@@ -207,7 +222,9 @@ class TestAliases:
     *((name, ("rank",)) for name in OPTIMIZERS),
   ],
 )
-def test_inject_hyperparams_needs_only_the_structural_arguments_given(name, static):
+def test_inject_hyperparams_needs_only_the_structural_arguments_given(
+  name, static
+):
   params = {k: v for k, v in _params().items() if k in ("wide", "bias")}
   factory = getattr(grassjax, name)
   extra = {"key": KEY} if grassjax.OPTIMIZERS[name].needs_key else {}
@@ -230,7 +247,8 @@ def test_inject_hyperparams_needs_only_the_structural_arguments_given(name, stat
 
 
 def test_convergence_on_low_rank_regression():
-  """Every optimizer drives down ||X W - Y||^2 with a nearly rank-3 target W*."""
+  """Every optimizer drives down ||X W - Y||^2 with a nearly rank-3 target
+  W*."""
   rng = np.random.default_rng(0)
   # Rank 3 plus a small full-rank part, so the residual outside the subspace
   # is not zero on the first step (recovery scaling has something to recover).
@@ -245,7 +263,9 @@ def test_convergence_on_low_rank_regression():
 
   initial = float(loss(params))
   for name, make in OPTIMIZERS.items():
-    tx = make(update_interval=10, scale=1.0, projection_mask={"w": True, "b": False})
+    tx = make(
+      update_interval=10, scale=1.0, projection_mask={"w": True, "b": False}
+    )
     tx = optax.chain(tx, optax.scale(3.0))  # learning rate 3e-2
 
     @jax.jit
@@ -284,7 +304,9 @@ def test_masked_out_leaves_get_exactly_adam():
     updates, state = update(grads, state, params)
     expected, adam_state = adam_update(grads, adam_state, params)
     for name in ("tall", "square", "bias"):
-      np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(
+        updates[name], expected[name], rtol=1e-6, atol=1e-7
+      )
 
 
 def test_galore_matches_optax_contrib_galore_on_square_matrices():
@@ -304,7 +326,11 @@ def test_galore_matches_optax_contrib_galore_on_square_matrices():
 
 
 def test_keys_are_deterministic_and_independent_across_leaves_and_stack():
-  params = {"a": jnp.ones((8, 12)), "b": jnp.ones((8, 12)), "s": jnp.ones((2, 8, 12))}
+  params = {
+    "a": jnp.ones((8, 12)),
+    "b": jnp.ones((8, 12)),
+    "s": jnp.ones((2, 8, 12)),
+  }
 
   def bases(key):
     tx = grassjax.grassjump(1e-2, rank=3, key=key, update_interval=2)
@@ -326,7 +352,9 @@ def test_stacked_leaf_equals_independent_matrices():
     for step in range(3):
       g = {"s": _grads(step, {"s": stack})["s"][i]}
       update, state = tx.update(g, state, {"s": stack[i]})
-    np.testing.assert_allclose(stacked["s"][i], update["s"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      stacked["s"][i], update["s"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -342,7 +370,9 @@ def test_layer_slice_update_equals_that_slice_of_the_stack_update(name):
     grads = _grads(step, params)
     whole, new_state = whole_update(grads, state, params)
     for layer in range(3):
-      pick = lambda x, layer=layer: x[layer] if x.ndim and x.shape[0] == 3 else x  # noqa: E731
+      pick = lambda x, layer=layer: (  # noqa: E731
+        x[layer] if x.ndim and x.shape[0] == 3 else x
+      )
       update, layer_state = layer_update(
         jax.tree.map(pick, grads), jax.tree.map(pick, state), jnp.int32(layer)
       )
@@ -368,36 +398,49 @@ def test_basis_dtype_stores_the_bases_in_it():
 
 
 def test_dimension_numbers_for_attention_kernels():
-  """A (d, heads, head_dim) kernel projected as a d x (heads*head_dim) matrix."""
+  """A (d, heads, head_dim) kernel projected as a d x (heads*head_dim)
+  matrix."""
   kernel = jax.random.normal(KEY, (12, 4, 5))
   dims = grassjax.MatrixDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
   tx3 = grassjax.galore(1e-2, rank=3, update_interval=2, dimension_numbers=dims)
   tx2 = grassjax.galore(1e-2, rank=3, update_interval=2)
-  state3, state2 = tx3.init({"k": kernel}), tx2.init({"k": kernel.reshape(12, 20)})
+  state3, state2 = (
+    tx3.init({"k": kernel}),
+    tx2.init({"k": kernel.reshape(12, 20)}),
+  )
   chex.assert_shape(_subspace_state(state3).basis["k"], (12, 3))
   for step in range(3):
     g = _grads(step, {"k": kernel})
     u3, state3 = tx3.update(g, state3)
     u2, state2 = tx2.update({"k": g["k"].reshape(12, 20)}, state2)
-    np.testing.assert_allclose(u3["k"].reshape(12, 20), u2["k"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      u3["k"].reshape(12, 20), u2["k"], rtol=1e-5, atol=1e-6
+    )
   # A stacked (layers, d, heads, head_dim) kernel: layers is a batch axis.
-  stacked = grassjax.MatrixDimensionNumbers(reduction_axis=1, output_axis=(2, 3))
+  stacked = grassjax.MatrixDimensionNumbers(
+    reduction_axis=1, output_axis=(2, 3)
+  )
   tx = grassjax.galore(1e-2, rank=3, dimension_numbers=stacked)
   chex.assert_shape(
-    _subspace_state(tx.init({"k": jnp.ones((2, 12, 4, 5))})).basis["k"], (2, 12, 3)
+    _subspace_state(tx.init({"k": jnp.ones((2, 12, 4, 5))})).basis["k"],
+    (2, 12, 3),
   )
 
 
 def test_stagger_spreads_updates_over_the_interval():
   params = {"a": jnp.ones((8, 12)), "b": jnp.ones((8, 12))}
-  tx = grassjax.grassjump(1e-2, rank=3, key=KEY, update_interval=4, stagger=True)
+  tx = grassjax.grassjump(
+    1e-2, rank=3, key=KEY, update_interval=4, stagger=True
+  )
   state = tx.init(params)
   history = []
   for step in range(6):
     _, state = tx.update(_grads(step, params), state)
     history.append(jax.tree.map(np.asarray, _subspace_state(state).basis))
   moved = lambda k: [  # noqa: E731
-    i for i in range(1, 6) if not np.array_equal(history[i][k], history[i - 1][k])
+    i
+    for i in range(1, 6)
+    if not np.array_equal(history[i][k], history[i - 1][k])
   ]
   assert moved("a") == [4]
   assert moved("b") == [2]
@@ -408,7 +451,9 @@ def test_default_mask_and_full_rank_explicit_mask():
   state = _subspace_state(grassjax.galore(1e-2, rank=4).init(params))
   assert isinstance(state.basis["small"], optax.MaskedNode)  # 4 is not > rank
   chex.assert_shape(state.basis["big"], (8, 4))
-  full = grassjax.galore(1e-2, rank=4, projection_mask={"small": True, "big": True})
+  full = grassjax.galore(
+    1e-2, rank=4, projection_mask={"small": True, "big": True}
+  )
   chex.assert_shape(_subspace_state(full.init(params)).basis["small"], (4, 4))
 
 
@@ -416,7 +461,10 @@ def test_default_mask_and_full_rank_explicit_mask():
   ("kwargs", "match"),
   [
     ({"rank": 0}, "rank must be an int >= 1"),
-    ({"rank": 9, "projection_mask": {"w": True, "b": False}}, r"\['w'\].*\(8, 12\)"),
+    (
+      {"rank": 9, "projection_mask": {"w": True, "b": False}},
+      r"\['w'\].*\(8, 12\)",
+    ),
     ({"update_interval": 0}, "update_interval"),
     ({"zeta": 0.0}, "zeta"),
     ({"step_size": -1.0}, "step_size"),
@@ -443,7 +491,9 @@ def test_flax_nnx_optimizer_trains_and_checkpoints():
 
   model = Mlp(nnx.Rngs(0))
   optimizer = nnx.Optimizer(
-    model, grassjax.grasswalk(1e-2, rank=3, key=KEY, update_interval=5), wrt=nnx.Param
+    model,
+    grassjax.grasswalk(1e-2, rank=3, key=KEY, update_interval=5),
+    wrt=nnx.Param,
   )
   x = jax.random.normal(KEY, (32, 16))
   y = jnp.sin(x[:, :4])
@@ -496,9 +546,9 @@ def test_recovery_norm_of_a_gradient_inside_the_subspace_is_that_applied():
 
   # The same with an SVD basis of a rank-RANK gradient: the residual is the
   # rounding of the SVD, and the stored norm is that of the float32 residual.
-  g = (rng.standard_normal((16, RANK)) @ rng.standard_normal((RANK, 40))).astype(
-    np.float32
-  )
+  g = (
+    rng.standard_normal((16, RANK)) @ rng.standard_normal((RANK, 40))
+  ).astype(np.float32)
   tx = grassjax.scale_by_subspace_adam(
     subspace.svd(), rank=RANK, projection_mask={"w": True}
   )
@@ -516,7 +566,11 @@ def test_unprojected_bfloat16_leaves_are_float32_adam_rounded():
   params = _params(jnp.bfloat16)
   mask = {k: k in ("wide", "stack") for k in params}
   tx = grassjax.scale_by_subspace_adam(
-    subspace.random_jump(), rank=RANK, update_interval=2, key=KEY, projection_mask=mask
+    subspace.random_jump(),
+    rank=RANK,
+    update_interval=2,
+    key=KEY,
+    projection_mask=mask,
   )
   adam = optax.scale_by_adam()
   to_f32 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.float32))
@@ -548,22 +602,32 @@ def test_complex_parameters_are_left_to_adam_with_the_squared_modulus():
   adam = optax.scale_by_adam()
   state, adam_state = tx.init(params), adam.init(params)
   assert isinstance(state.basis["c"], optax.MaskedNode)  # the default mask
-  assert state.mu["c"].dtype == jnp.complex64 and state.nu["c"].dtype == jnp.float32
+  assert (
+    state.mu["c"].dtype == jnp.complex64 and state.nu["c"].dtype == jnp.float32
+  )
   update, adam_update = jax.jit(tx.update), jax.jit(adam.update)
   for step in range(3):
     grads = _grads(step, params)
     grads["c"] = grads["c"] + 1j * _grads(step + 10, params)["c"]
     updates, state = update(grads, state)
     expected, adam_state = adam_update(grads, adam_state)
-    np.testing.assert_allclose(updates["c"], expected["c"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      updates["c"], expected["c"], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_integer_and_projected_complex_parameters_are_refused():
   tx = grassjax.galore(1e-2, rank=3)
-  with pytest.raises(ValueError, match=r"\['i'\] with shape \(8, 12\) has dtype int32"):
+  with pytest.raises(
+    ValueError, match=r"\['i'\] with shape \(8, 12\) has dtype int32"
+  ):
     tx.init({"i": jnp.ones((8, 12), jnp.int32)})
-  with pytest.raises(ValueError, match=r"\['w'\] with shape \(8, 12\) has dtype int32"):
-    tx.update({"w": jnp.ones((8, 12), jnp.int32)}, tx.init({"w": jnp.ones((8, 12))}))
+  with pytest.raises(
+    ValueError, match=r"\['w'\] with shape \(8, 12\) has dtype int32"
+  ):
+    tx.update(
+      {"w": jnp.ones((8, 12), jnp.int32)}, tx.init({"w": jnp.ones((8, 12))})
+    )
   masked_in = grassjax.galore(1e-2, rank=3, projection_mask={"c": True})
   with pytest.raises(
     ValueError, match=r"\['c'\] with shape \(8, 12\) and dtype complex64"
@@ -600,7 +664,11 @@ def test_raw_and_typed_threefry_keys_give_the_same_stream():
 @pytest.mark.parametrize(
   ("make", "error", "match"),
   [
-    (lambda: grassjax.grasswalk(1e-2, rank=3, key=42), TypeError, "key.*got 42"),
+    (
+      lambda: grassjax.grasswalk(1e-2, rank=3, key=42),
+      TypeError,
+      "key.*got 42",
+    ),
     (
       lambda: grassjax.grasswalk(1e-2, rank=3, key=jax.random.split(KEY)),
       TypeError,
@@ -621,7 +689,11 @@ def test_raw_and_typed_threefry_keys_give_the_same_stream():
       ValueError,
       "step_size must be finite",
     ),
-    (lambda: grassjax.galore(1e-2, rank=2.0), ValueError, "rank must be an int"),
+    (
+      lambda: grassjax.galore(1e-2, rank=2.0),
+      ValueError,
+      "rank must be an int",
+    ),
     (
       lambda: grassjax.galore(1e-2, rank=jnp.asarray(3)),
       ValueError,
@@ -680,7 +752,9 @@ def test_rotate_moments_keeps_a_negative_variance_estimate_from_v():
   mu = jnp.full((2, 1), c1, jnp.float32)
   nu = jnp.full((2, 1), 0.5 * c2, jnp.float32)
   rotation = jnp.asarray([[1.0, -1.0], [1.0, 1.0]]) / np.sqrt(2.0)
-  new_mu, new_nu = grassjax.rotate_moments(rotation, mu, nu, b1, b2, jnp.int32(steps))
+  new_mu, new_nu = grassjax.rotate_moments(
+    rotation, mu, nu, b1, b2, jnp.int32(steps)
+  )
   np.testing.assert_allclose(new_mu[:, 0], [0.0, np.sqrt(2.0) * c1], atol=1e-6)
   np.testing.assert_allclose(new_nu[:, 0], [0.5 * c2, 1.5 * c2], rtol=1e-4)
 
@@ -724,7 +798,9 @@ def test_bfloat16_projections_round_operands_only():
   grads = _grads(0, params)
 
   def first_update(projection_dtype):
-    tx = grassjax.grasswalk(1.0, rank=RANK, key=KEY, projection_dtype=projection_dtype)
+    tx = grassjax.grasswalk(
+      1.0, rank=RANK, key=KEY, projection_dtype=projection_dtype
+    )
     return tx.update(grads, tx.init(params))[0]
 
   exact, rounded = first_update(None), first_update(jnp.bfloat16)
@@ -777,7 +853,15 @@ def test_presets_are_low_rank_adamw_with_their_rule():
 
 @pytest.mark.parametrize(
   "module",
-  ["alias", "layout", "moments", "recovery", "subspace", "transform", "diagnostics"],
+  [
+    "alias",
+    "layout",
+    "moments",
+    "recovery",
+    "subspace",
+    "transform",
+    "diagnostics",
+  ],
 )
 def test_docstring_examples_run(module):
   import doctest

@@ -1,6 +1,6 @@
 """Builds the small C4-format sample shipped in ``examples/llama/data/``.
 
-    python -m examples.llama.build_sample                    # rewrites the sample
+    python -m examples.llama.build_sample  # rewrites the sample
     python -m examples.llama.build_sample --out-dir /tmp/c4  # somewhere else
 
 The text is the Python documentation that ships with the interpreter itself,
@@ -73,8 +73,11 @@ class Document(NamedTuple):
 
 
 def clean(text: str) -> str:
-  """Normalizes whitespace: tabs expanded, no control characters, one blank line."""
-  text = textwrap.dedent(text.replace("\r\n", "\n").replace("\r", "\n").expandtabs(8))
+  """Normalizes whitespace: tabs expanded, no control characters, one blank
+  line."""
+  text = textwrap.dedent(
+    text.replace("\r\n", "\n").replace("\r", "\n").expandtabs(8)
+  )
   text = "".join(
     c for c in text if c == "\n" or unicodedata.category(c) not in ("Cc", "Cf")
   )
@@ -87,7 +90,8 @@ def clean(text: str) -> str:
 
 
 def split_long(text: str) -> list[str]:
-  """``text`` whole, or cut at blank lines into parts of about ``TARGET_CHARS``."""
+  """``text`` whole, or cut at blank lines into parts of about
+  ``TARGET_CHARS``."""
   if len(text) <= MAX_CHARS:
     return [text]
   parts: list[str] = []
@@ -121,11 +125,14 @@ def _signature(name: str, node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 
 def _is_documented(name: str) -> bool:
   """Public names and special methods; not ``_private`` helpers."""
-  return not name.startswith("_") or (name.startswith("__") and name.endswith("__"))
+  return not name.startswith("_") or (
+    name.startswith("__") and name.endswith("__")
+  )
 
 
 def module_text(tree: ast.Module) -> str:
-  """A module's docstring, then those of its public functions, classes, methods."""
+  """A module's docstring, then those of its public functions, classes,
+  methods."""
   sections = []
   docstring = ast.get_docstring(tree)
   if docstring:
@@ -177,7 +184,8 @@ def module_documents() -> Iterator[Document]:
 
 
 def documents() -> list[Document]:
-  """Every cleaned document of the sample, long ones split, short ones dropped."""
+  """Every cleaned document of the sample, long ones split, short ones
+  dropped."""
   out: list[Document] = []
   seen: set[str] = set()
   for document in (*topic_documents(), *module_documents()):
@@ -291,34 +299,43 @@ openly licensed text:
   `help("assert")` prints), one document per topic, with a
   `{DOCS_URL}/search.html?q=<topic>` URL;
 - the docstrings of the Python {PYTHON_VERSION} standard library, read from the
-  modules' source (nothing imported or run), one document per module: the module's
+  modules' source (nothing imported or run), one document per module: the \
+module's
   docstring followed by those of its public functions, classes and methods, each
   under its signature; the URL is `python-stdlib:<module>`.
 
 So it is English prose about Python, with code examples, signatures and doctests
 mixed in: far narrower and more technical than C4, and much smaller. A model
-trained on it learns that text, and its losses are not comparable to C4 losses. It
-is meant for trying the trainer and the optimizers quickly, not for measuring them.
+trained on it learns that text, and its losses are not comparable to C4 \
+losses. It
+is meant for trying the trainer and the optimizers quickly, not for measuring \
+them.
 
 Documents are cleaned (tabs expanded, trailing spaces and control characters
 removed, runs of blank lines collapsed); those over {MAX_CHARS:,} characters are
-split at blank lines into parts of about {TARGET_CHARS:,} (URL `...#part-N`); parts
+split at blank lines into parts of about {TARGET_CHARS:,} (URL `...#part-N`); \
+parts
 under {MIN_CHARS} characters and exact duplicates are dropped. A document is in
-the validation split when the SHA-256 of its topic or module name falls in the first
+the validation split when the SHA-256 of its topic or module name falls in the \
+first
 {VALIDATION_PERCENT}% (all parts of a module stay in one split). `timestamp` is
-the build date of the interpreter that made the sample ({stamp}), not a crawl date.
+the build date of the interpreter that made the sample ({stamp}), not a crawl \
+date.
 
 ## Counts
 
-Built with Python {platform.python_version()} ({platform.python_implementation()}).
+Built with Python {platform.python_version()} \
+({platform.python_implementation()}).
 
-| split | shards | documents | topics and modules | text bytes (UTF-8) | file bytes (gzip) |
+| split | shards | documents | topics and modules | text bytes (UTF-8) \
+| file bytes (gzip) |
 |---|---|---|---|---|---|
 {rows}
 
 ## License
 
-The Python documentation and the Python standard library are copyright the Python
+The Python documentation and the Python standard library are copyright the \
+Python
 Software Foundation and distributed under the
 Python Software Foundation License Version 2
 (https://docs.python.org/3/license.html); this sample is derived from them under

@@ -87,7 +87,9 @@ def run_config(train_config, model_config) -> dict[str, dict[str, Any]]:
     ``{"train": {...}, "model": {...}}``.
   """
   return {
-    "train": {k: _json_value(v) for k, v in dataclasses.asdict(train_config).items()},
+    "train": {
+      k: _json_value(v) for k, v in dataclasses.asdict(train_config).items()
+    },
     "model": {
       f.name: _json_value(getattr(model_config, f.name))
       for f in dataclasses.fields(model_config)
@@ -112,7 +114,9 @@ def config_differences(
       if name in skip or old.get(name) == new.get(name):
         continue
       label = name if section == "train" else f"model.{name}"
-      lines.append(f"{label}: checkpoint {old.get(name)!r}, now {new.get(name)!r}")
+      lines.append(
+        f"{label}: checkpoint {old.get(name)!r}, now {new.get(name)!r}"
+      )
   return lines
 
 
@@ -145,7 +149,9 @@ class Checkpointer:
     self.config = json.loads(json.dumps(config))
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=False),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=MAX_TO_KEEP, create=False
+      ),
     )
     # Steps found damaged on restoring, deleted by the first save: orbax saves
     # no step at or below its latest one, and keeps the latest ones.
@@ -161,7 +167,8 @@ class Checkpointer:
   def restore_latest(
     self, abstract_state, shardings
   ) -> tuple[int, Any, dict[str, Any]] | None:
-    """The latest readable checkpoint: its step, training state and data position.
+    """The latest readable checkpoint: its step, training state and data
+    position.
 
     A checkpoint that cannot be read is passed over for the one before it,
     with a warning.
@@ -204,10 +211,11 @@ class Checkpointer:
       differences = config_differences(saved, self.config)
       if differences:
         raise ConfigMismatchError(
-          f"cannot resume from {self.directory} (step {step}): it was made with a"
-          " different configuration:\n  "
+          f"cannot resume from {self.directory} (step {step}): it was made"
+          " with a different configuration:\n  "
           + "\n  ".join(differences)
-          + "\nResume with the same settings, or choose another --checkpoint-dir."
+          + "\nResume with the same settings, or choose another"
+          " --checkpoint-dir."
         )
       try:
         restored = self._read(
@@ -227,21 +235,24 @@ class Checkpointer:
           stacklevel=2,
         )
       self._damaged = list(damaged)
-      state = type(abstract_state)(model=restored.model, optimizer=restored.optimizer)
+      state = type(abstract_state)(
+        model=restored.model, optimizer=restored.optimizer
+      )
       return step, state, restored.data
     if not damaged:
       return None
     latest, err = next(iter(damaged.items()))
     raise UserError(
-      f"cannot resume from {self.directory}: checkpoint step {latest} is damaged"
-      f" ({_first_line(err)}), and no earlier one is readable."
+      f"cannot resume from {self.directory}: checkpoint step {latest} is"
+      f" damaged ({_first_line(err)}), and no earlier one is readable."
     ) from err
 
   def _read(self, step: int, **items):
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def save(self, step: int, state, data_state: dict[str, Any]) -> None:
-    """Starts saving ``state`` (a ``TrainState``) and the data position at ``step``.
+    """Starts saving ``state`` (a ``TrainState``) and the data position at
+    ``step``.
 
     Every process calls it, with its own part of the data position (a dict
     whose keys no other process's has); the checkpoint holds their union.
@@ -268,7 +279,8 @@ class Checkpointer:
 
 
 def union_over_processes(part: dict[str, Any]) -> dict[str, Any]:
-  """The union of every process's ``part`` (JSON-friendly dicts); every process calls it."""
+  """The union of every process's ``part`` (JSON-friendly dicts); every process
+  calls it."""
   if jax.process_count() == 1:
     return part
   encoded = np.frombuffer(json.dumps(part).encode(), np.uint8)
@@ -283,7 +295,8 @@ def union_over_processes(part: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first_line(err: Exception, limit: int = 160) -> str:
-  """``"Type: message"``, its first line cut to ``limit`` characters, for one-line reports."""
+  """``"Type: message"``, its first line cut to ``limit`` characters, for
+  one-line reports."""
   lines = str(err).strip().splitlines()
   first = lines[0] if lines else ""
   if len(first) > limit:

@@ -49,8 +49,8 @@ def parse_args(
   unknown = [name for name in names if name not in config_lib.OPTIMIZERS]
   if unknown or not names:
     parser.error(
-      f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; choose from"
-      f" {', '.join(config_lib.OPTIMIZERS)}."
+      f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; choose"
+      f" from {', '.join(config_lib.OPTIMIZERS)}."
     )
   if len(set(names)) != len(names):
     parser.error(f"--optimizers lists an optimizer twice: {args.optimizers}.")
@@ -65,7 +65,9 @@ def plot_comparison(
   results: dict[str, train_lib.RunResult], path: Path, title: str
 ) -> None:
   """All runs' training and validation loss curves in one plot."""
-  report.plot_losses({name: r.records for name, r in results.items()}, path, title)
+  report.plot_losses(
+    {name: r.records for name, r in results.items()}, path, title
+  )
 
 
 def compare(
@@ -85,12 +87,16 @@ def compare(
   out_dir = Path(cfg.out_dir)
   results = {}
   for name in optimizers:
-    run_cfg = dataclasses.replace(cfg.with_optimizer(name), out_dir=str(out_dir / name))
+    run_cfg = dataclasses.replace(
+      cfg.with_optimizer(name), out_dir=str(out_dir / name)
+    )
     results[name] = train_lib.train(run_cfg, **train_kwargs)
   if jax.process_index() != 0:
     return results
   table = report.summary_table([r.summary for r in results.values()])
-  title = f"{cfg.model}, {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens"
+  title = (
+    f"{cfg.model}, {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens"
+  )
   (out_dir / "compare.md").write_text(f"# {title}\n\n{table}")
   plot_comparison(results, out_dir / "compare.png", title)
   return results

@@ -1,4 +1,5 @@
-"""The training configuration: every command-line flag, and the optimizer it names.
+"""The training configuration: every command-line flag, and the optimizer it
+names.
 
 :class:`TrainConfig` holds all settings with their defaults; the argparse
 parser is built from its fields, so a flag, its default and its help live in
@@ -27,7 +28,9 @@ from examples.llama.errors import UserError
 DEFAULT_DATA_DIR = str(Path(__file__).absolute().parent / "data")
 OPTIMIZERS = ("adamw", *grassjax.OPTIMIZERS)
 STEP_SIZE_OPTIMIZERS = tuple(
-  name for name, info in grassjax.OPTIMIZERS.items() if "step_size" in info.defaults
+  name
+  for name, info in grassjax.OPTIMIZERS.items()
+  if "step_size" in info.defaults
 )
 MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
@@ -40,7 +43,9 @@ PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 def _flag(default, help: str, choices: Sequence[str] | None = None):
   """A dataclass field that also carries its command-line help and choices."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+  return dataclasses.field(
+    default=default, metadata={"help": help, "choices": choices}
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +60,9 @@ class TrainConfig:
     1, "micro-batches per step; the batch is split into this many, run in turn"
   )
   lr: float = _flag(3e-3, "peak learning rate")
-  warmup: int = _flag(60, "linear warmup steps, then cosine decay to 10%% of --lr")
+  warmup: int = _flag(
+    60, "linear warmup steps, then cosine decay to 10%% of --lr"
+  )
   rank: int = _flag(32, "rank of the projected gradients (low-rank optimizers)")
   update_interval: int = _flag(50, "steps between subspace updates")
   scale: float = _flag(0.25, "scale of the low-rank update (GaLore's alpha)")
@@ -66,10 +73,12 @@ class TrainConfig:
   )
   weight_decay: float = _flag(0.0, "decoupled weight decay")
   adaptive_optimizer: bool | None = _flag(
-    None, "rotate Adam's moments onto each new basis; None: the optimizer's default"
+    None,
+    "rotate Adam's moments onto each new basis; None: the optimizer's default",
   )
   recovery_scaling: bool | None = _flag(
-    None, "add the rescaled out-of-subspace gradient; None: the optimizer's default"
+    None,
+    "add the rescaled out-of-subspace gradient; None: the optimizer's default",
   )
   svd_method: str | None = _flag(
     None,
@@ -100,19 +109,27 @@ class TrainConfig:
     " group) or none",
     CLIPS,
   )
-  seed: int = _flag(0, "seed of the model init, the data order and the subspaces")
+  seed: int = _flag(
+    0, "seed of the model init, the data order and the subspaces"
+  )
   data_dir: str = _flag(
     DEFAULT_DATA_DIR, "directory of C4-format shards, or 'hf' to stream C4"
   )
-  tokenizer: str = _flag("byte", "'byte', or a Hugging Face tokenizer such as t5-base")
+  tokenizer: str = _flag(
+    "byte", "'byte', or a Hugging Face tokenizer such as t5-base"
+  )
   seq_len: int = _flag(128, "tokens per training sequence")
   eval_every: int = _flag(100, "steps between evaluations (and one at the end)")
   eval_batches: int = _flag(8, "validation batches per evaluation")
   checkpoint_dir: str | None = _flag(
     None, "save checkpoints here; None: no checkpoints"
   )
-  checkpoint_every: int = _flag(200, "steps between checkpoints (and one at the end)")
-  resume: bool = _flag(False, "continue from the latest checkpoint in --checkpoint-dir")
+  checkpoint_every: int = _flag(
+    200, "steps between checkpoints (and one at the end)"
+  )
+  resume: bool = _flag(
+    False, "continue from the latest checkpoint in --checkpoint-dir"
+  )
   out_dir: str = _flag("runs/llama", "where metrics, plots and the summary go")
   mesh: str = _flag(
     "none", "none: one device; dp: data parallel; fsdp: sharded state", MESHES
@@ -147,12 +164,14 @@ class TrainConfig:
   )
   distributed: bool = _flag(
     False,
-    "join a multi-process run (jax.distributed) first: from --coordinator-address,"
+    "join a multi-process run (jax.distributed) first: from"
+    " --coordinator-address,"
     " --num-processes and --process-id, or what the cluster (SLURM, Open MPI,"
     " Cloud TPU, ...) provides when they are not given",
   )
   coordinator_address: str | None = _flag(
-    None, "HOST:PORT where process 0 serves the coordinator (with --distributed)"
+    None,
+    "HOST:PORT where process 0 serves the coordinator (with --distributed)",
   )
   num_processes: int | None = _flag(
     None, "processes in the run (with --distributed and --coordinator-address)"
@@ -181,7 +200,8 @@ class TrainConfig:
         )
     if not 0 <= self.warmup < self.steps:
       raise ValueError(
-        f"--warmup must be in [0, --steps); got {self.warmup} with --steps {self.steps}."
+        f"--warmup must be in [0, --steps); got {self.warmup} with --steps"
+        f" {self.steps}."
       )
     if self.batch_size % self.grad_accum:
       raise ValueError(
@@ -205,7 +225,9 @@ class TrainConfig:
           f"--{_flag_name(name)} applies to the low-rank optimizers, not adamw."
         )
     if self.clip == "per-layer" and not self.scan_layers:
-      raise ValueError("--clip per-layer needs --scan-layers (the blocks stacked).")
+      raise ValueError(
+        "--clip per-layer needs --scan-layers (the blocks stacked)."
+      )
     if self.fused_update:
       if not self.scan_layers:
         raise ValueError("--fused-update needs --scan-layers.")
@@ -233,22 +255,27 @@ class TrainConfig:
           f"--svd-method applies to galore, grasswalk and subtrack_pp, not"
           f" {self.optimizer}."
         )
-    if self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS:
+    if (
+      self.step_size is not None and self.optimizer not in STEP_SIZE_OPTIMIZERS
+    ):
       raise ValueError(
-        f"--step-size applies to grasswalk and subtrack_pp, not {self.optimizer}."
+        "--step-size applies to grasswalk and subtrack_pp, not"
+        f" {self.optimizer}."
       )
     if self.resume and self.checkpoint_dir is None:
       raise ValueError("--resume needs --checkpoint-dir.")
     self._check_processes()
     if self.data_streams is not None:
       if self.data_streams < 1:
-        raise ValueError(f"--data-streams must be > 0, got {self.data_streams}.")
+        raise ValueError(
+          f"--data-streams must be > 0, got {self.data_streams}."
+        )
       if self.micro_batch_size % self.data_streams:
         raise ValueError(
-          f"--data-streams {self.data_streams} does not divide the micro-batch of"
-          f" {self.micro_batch_size} sequences (--batch-size {self.batch_size} /"
-          f" --grad-accum {self.grad_accum}): each stream fills an equal share of"
-          " its rows."
+          f"--data-streams {self.data_streams} does not divide the micro-batch"
+          f" of {self.micro_batch_size} sequences (--batch-size"
+          f" {self.batch_size} / --grad-accum {self.grad_accum}): each stream"
+          " fills an equal share of its rows."
         )
     for name, choices in (
       ("optimizer", OPTIMIZERS),
@@ -263,7 +290,8 @@ class TrainConfig:
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
-          f"unknown --{name} {getattr(self, name)!r}; choose from {', '.join(choices)}."
+          f"unknown --{name} {getattr(self, name)!r}; choose from"
+          f" {', '.join(choices)}."
         )
 
   def _check_processes(self) -> None:
@@ -293,7 +321,9 @@ class TrainConfig:
         " (a port from 1 to 65535)."
       )
     if self.num_processes < 1:
-      raise ValueError(f"--num-processes must be > 0, got {self.num_processes}.")
+      raise ValueError(
+        f"--num-processes must be > 0, got {self.num_processes}."
+      )
     if not 0 <= self.process_id < self.num_processes:
       raise ValueError(
         f"--process-id must be in [0, {self.num_processes}) for --num-processes"
@@ -301,7 +331,8 @@ class TrainConfig:
       )
 
   def with_optimizer(self, optimizer: str) -> TrainConfig:
-    """This configuration for ``optimizer``, without the settings it does not take.
+    """This configuration for ``optimizer``, without the settings it does not
+    take.
 
     ``step_size`` and ``svd_method`` are dropped for optimizers without them;
     ``adaptive_optimizer``, ``recovery_scaling``, ``moment_dtype``,
@@ -387,7 +418,8 @@ def build_parser(
 def config_from_args(
   parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> TrainConfig:
-  """The :class:`TrainConfig` of parsed flags; a bad value exits with a usage error."""
+  """The :class:`TrainConfig` of parsed flags; a bad value exits with a usage
+  error."""
   names = {f.name for f in dataclasses.fields(TrainConfig)}
   try:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -404,7 +436,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
-  """The model of ``cfg.model`` with the tokenizer's vocabulary and the run's settings."""
+  """The model of ``cfg.model`` with the tokenizer's vocabulary and the run's
+  settings."""
   return model_lib.get_config(cfg.model).replace(
     vocab_size=vocab_size,
     max_seq_len=cfg.seq_len,
@@ -479,12 +512,14 @@ def check_rank(cfg: TrainConfig, model: model_lib.LlamaConfig) -> None:
   if cfg.rank > smallest:
     raise UserError(
       f"--rank {cfg.rank} exceeds {smallest}, the smaller side of the smallest"
-      f" projected kernel of --model {cfg.model}: use --rank {smallest} or less."
+      f" projected kernel of --model {cfg.model}: use --rank {smallest} or"
+      " less."
     )
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0 to ``cfg.lr``, then cosine decay to ``0.1 * cfg.lr``."""
+  """Linear warmup from 0 to ``cfg.lr``, then cosine decay to
+  ``0.1 * cfg.lr``."""
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.lr,
@@ -495,7 +530,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """The optimizer of ``cfg.optimizer``, after global-norm clipping if ``cfg.clip``.
+  """The optimizer of ``cfg.optimizer``, after global-norm clipping if
+  ``cfg.clip``.
 
   The low-rank optimizers project the attention and MLP kernels
   (:func:`model.low_rank_mask`); the embeddings, norms and LM head get plain
@@ -525,12 +561,15 @@ LAYERS, REST = "layers", "rest"
 
 
 def param_groups(params: Any) -> Any:
-  """``"layers"`` for the stacked blocks' parameters, ``"rest"`` for the others."""
+  """``"layers"`` for the stacked blocks' parameters, ``"rest"`` for the
+  others."""
 
   def group(path, _) -> str:
     first = path[0]
     return (
-      LAYERS if getattr(first, "key", getattr(first, "name", None)) == LAYERS else REST
+      LAYERS
+      if getattr(first, "key", getattr(first, "name", None)) == LAYERS
+      else REST
     )
 
   return jax.tree_util.tree_map_with_path(group, params)
@@ -560,10 +599,16 @@ def base_optimizer(
     "mu_dtype": jnp.dtype(cfg.moment_dtype),
     "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
-  for name in ("step_size", "svd_method", "adaptive_optimizer", "recovery_scaling"):
+  for name in (
+    "step_size",
+    "svd_method",
+    "adaptive_optimizer",
+    "recovery_scaling",
+  ):
     if getattr(cfg, name) is not None:
       options[name] = getattr(cfg, name)
   key = None
   if info.needs_key or cfg.svd_method == "randomized":
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # apart from the init's
+    # apart from the init's
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   return info.constructor(lr, key=key, **options)

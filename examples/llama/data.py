@@ -3,10 +3,11 @@
 The training data is the ``en`` variant of C4 (Raffel et al., "Exploring the
 Limits of Transfer Learning with a Unified Text-to-Text Transformer", 2020) in
 the layout of ``allenai/c4``: gzip'd JSON-lines shards
-``c4-train.XXXXX-of-01024.json.gz`` and ``c4-validation.XXXXX-of-00008.json.gz``,
-one object with a ``"text"`` field per line. ``--data-dir`` is either such a
-directory (the shipped sample in ``examples/llama/data/``, or real C4) or
-``hf``, which streams ``allenai/c4`` with Hugging Face ``datasets``.
+``c4-train.XXXXX-of-01024.json.gz`` and
+``c4-validation.XXXXX-of-00008.json.gz``, one object with a ``"text"`` field per
+line. ``--data-dir`` is either such a directory (the shipped sample in
+``examples/llama/data/``, or real C4) or ``hf``, which streams ``allenai/c4``
+with Hugging Face ``datasets``.
 
 Documents are tokenized, each followed by EOS, concatenated, and cut into
 windows of ``seq_len + 1`` tokens (inputs and next-token labels from one
@@ -66,11 +67,14 @@ class ByteTokenizer:
     return list(text.encode("utf-8"))
 
   def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+    return bytes(int(i) for i in ids if i < 256).decode(
+      "utf-8", errors="replace"
+    )
 
 
 class HubTokenizer:
-  """A Hugging Face tokenizer (``transformers.AutoTokenizer``) seen as a :class:`Tokenizer`."""
+  """A Hugging Face tokenizer (``transformers.AutoTokenizer``) seen as a
+  :class:`Tokenizer`."""
 
   def __init__(self, name: str):
     try:
@@ -82,7 +86,8 @@ class HubTokenizer:
       ) from err
     try:
       self._tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # network, unknown name, missing sentencepiece, ...
+    # network, unknown name, missing sentencepiece, ...
+    except Exception as err:
       raise UserError(
         f"could not load tokenizer {name!r} ({type(err).__name__}: {err}); use"
         " --tokenizer byte to train offline."
@@ -96,7 +101,8 @@ class HubTokenizer:
 
 
 def load_tokenizer(name: str) -> Tokenizer:
-  """``"byte"``: :class:`ByteTokenizer`; anything else: a Hugging Face tokenizer.
+  """``"byte"``: :class:`ByteTokenizer`; anything else: a Hugging Face
+  tokenizer.
 
   The papers used ``t5-base``.
 
@@ -150,7 +156,8 @@ class ShardProblems:
 def read_shard(
   path: Path, problems: ShardProblems, skip: int = 0
 ) -> Iterator[tuple[int, str]]:
-  """``(line number, "text")`` of each JSON line of a gzip'd shard after line ``skip``.
+  """``(line number, "text")`` of each JSON line of a gzip'd shard after line
+  ``skip``.
 
   Lines count from 1 and include the bad ones, so a line number is a stable
   position to resume after. A line that is not a JSON object with a string
@@ -173,7 +180,8 @@ def read_shard(
         except (ValueError, KeyError, TypeError) as err:
           bad.append(line_number)
           if len(bad) == 1:
-            problems.lines[path] = bad  # the same list, filled as the file is read
+            # the same list, filled as the file is read
+            problems.lines[path] = bad
             warnings.warn(
               f"{path}: line {line_number} is not a JSON object with a string"
               f' "text" ({type(err).__name__}); skipping it and any other such'
@@ -185,7 +193,9 @@ def read_shard(
   except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
     why = f"unreadable after line {line_number} ({type(err).__name__}: {err})"
     problems.broken[path] = why
-    warnings.warn(f"{path}: {why}; the rest of the file is skipped.", stacklevel=2)
+    warnings.warn(
+      f"{path}: {why}; the rest of the file is skipped.", stacklevel=2
+    )
   if len(bad) > 1:
     warnings.warn(
       f"{path}: skipped {len(bad)} malformed line(s) (first at line {bad[0]}).",
@@ -193,10 +203,14 @@ def read_shard(
     )
 
 
-def _shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+def _shard_order(
+  num_shards: int, seed: int, epoch: int, shuffle: bool
+) -> list[int]:
   if not shuffle:
     return list(range(num_shards))
-  return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
+  return [
+    int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)
+  ]
 
 
 def local_documents(
@@ -208,7 +222,8 @@ def local_documents(
   stream: int = 0,
   streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """``(position after the document, text)`` over stream ``stream``'s shards, from ``start``.
+  """``(position after the document, text)`` over stream ``stream``'s shards,
+  from ``start``.
 
   Stream ``stream`` of ``streams`` reads every ``streams``-th shard of each
   epoch's order, starting at the ``stream``-th. A position is ``{"epoch",
@@ -222,8 +237,8 @@ def local_documents(
   if streams > len(paths):
     raise UserError(
       f"{len(paths)} shard(s) in {paths[0].parent} cannot feed {streams} data"
-      f" streams (each reads its own shards): use --data-streams {len(paths)} or"
-      " fewer."
+      f" streams (each reads its own shards): use --data-streams {len(paths)}"
+      " or fewer."
     )
   epoch, shard, line = start["epoch"], start["shard"], start["line"]
   problems = ShardProblems()
@@ -241,7 +256,8 @@ def local_documents(
       raise UserError(
         f"no usable document in {len(order)} shard(s): {problems.describe()}"
         if problems.lines or problems.broken
-        else f"the shards {', '.join(str(paths[i]) for i in order)} hold no documents."
+        else f"the shards {', '.join(str(paths[i]) for i in order)} hold no"
+        " documents."
       )
     if not repeat:
       return
@@ -312,7 +328,8 @@ def documents(
   stream: int = 0,
   streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """Stream ``stream``'s documents of ``data_dir`` (a shard directory or ``"hf"``)."""
+  """Stream ``stream``'s documents of ``data_dir`` (a shard directory or
+  ``"hf"``)."""
   if data_dir == "hf":
     return hub_documents(split, seed, shuffle, start, repeat, stream, streams)
   paths = shard_paths(data_dir, split)
@@ -322,7 +339,8 @@ def documents(
 def check_split(
   data_dir: str, split: str, seed: int = 0, stream: int = 0, streams: int = 1
 ) -> None:
-  """Fails now, not at the first batch, if ``split`` of ``data_dir`` is unusable.
+  """Fails now, not at the first batch, if ``split`` of ``data_dir`` is
+  unusable.
 
   Reads the local shards of stream ``stream``'s first epoch (shuffled by
   ``seed``) up to their first usable document; opens the hub's stream.
@@ -400,7 +418,9 @@ class PackedBatches:
       self._buffer += self.tokenizer.encode(text)
       self._buffer.append(self.tokenizer.eos_id)
     batch, self._buffer = self._buffer[:needed], self._buffer[needed:]
-    return np.asarray(batch, np.int32).reshape(self.batch_size, self.seq_len + 1)
+    return np.asarray(batch, np.int32).reshape(
+      self.batch_size, self.seq_len + 1
+    )
 
   def _identity(self) -> dict[str, Any]:
     return {
@@ -416,7 +436,11 @@ class PackedBatches:
   def state(self) -> dict[str, Any]:
     """The position as JSON-friendly data: what identifies the stream, where the
     last document read ends, and the tokens read but not yet batched."""
-    return {**self._identity(), "position": self._position, "buffer": self._buffer}
+    return {
+      **self._identity(),
+      "position": self._position,
+      "buffer": self._buffer,
+    }
 
   def restore(self, state: dict[str, Any]) -> None:
     """Continues from a :meth:`state` of an iterator with the same settings.
@@ -474,7 +498,9 @@ class ProcessBatches:
     """
     per_stream = micro_batch_size // streams
     local = sorted({row // per_stream for row in rows})
-    whole = [row for g in local for row in range(g * per_stream, (g + 1) * per_stream)]
+    whole = [
+      row for g in local for row in range(g * per_stream, (g + 1) * per_stream)
+    ]
     if list(rows) != whole:
       raise UserError(
         f"--data-streams {streams} does not split over the processes: each"
@@ -501,14 +527,16 @@ class ProcessBatches:
     return self
 
   def __next__(self) -> np.ndarray:
-    """The next ``(grad_accum, len(rows), seq_len + 1)`` block of this process's rows."""
+    """The next ``(grad_accum, len(rows), seq_len + 1)`` block of this process's
+    rows."""
     shape = (self.grad_accum, -1, self.seq_len + 1)
     return np.concatenate(
       [next(stream).reshape(shape) for stream in self._streams.values()], axis=1
     )
 
   def state(self) -> dict[str, Any]:
-    """Each of this process's streams' :meth:`PackedBatches.state`, by stream number.
+    """Each of this process's streams' :meth:`PackedBatches.state`, by stream
+    number.
 
     The keys are strings, as JSON has them; the union of every process's
     state is the run's data position.
@@ -549,11 +577,15 @@ def eval_batches(
   start = {"epoch": 0, "shard": 0, "line": 0}
   buffer: list[int] = []
   batches = []
-  for _, text in documents(data_dir, "validation", 0, False, start, repeat=False):
+  for _, text in documents(
+    data_dir, "validation", 0, False, start, repeat=False
+  ):
     buffer += tokenizer.encode(text)
     buffer.append(tokenizer.eos_id)
     while len(buffer) >= needed and len(batches) < max_batches:
-      batches.append(np.asarray(buffer[:needed], np.int32).reshape(batch_size, -1))
+      batches.append(
+        np.asarray(buffer[:needed], np.int32).reshape(batch_size, -1)
+      )
       buffer = buffer[needed:]
     if len(batches) == max_batches:
       break

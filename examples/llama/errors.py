@@ -23,7 +23,9 @@ class UserError(Exception):
   """Input the user can fix; the message says what is wrong and what to do."""
 
 
-def reports_user_errors(prog: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def reports_user_errors(
+  prog: str,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
   """Makes a command's ``main`` report a :class:`UserError` in one line.
 
   The decorated function raises ``SystemExit("<prog>: error: <message>")``

@@ -1,4 +1,5 @@
-"""The memory of a training step, from the compiler, without running it (``--dry-run``).
+"""The memory of a training step, from the compiler, without running it
+(``--dry-run``).
 
 The step is compiled from abstract shapes and read with XLA's
 ``memory_analysis()``: nothing is allocated and no data is read, so a 7b
@@ -43,13 +44,13 @@ def step_memory(
 
   The step is compiled from abstract shapes (``jit(...).lower(...).compile()``,
   with :func:`compiler_options`) and read with ``memory_analysis()``: nothing
-  is allocated and no data is read. ``peak`` is arguments + outputs + temporaries - donated aliases (the
-  compiler's buffer assignment; a GPU assigns buffers differently, so a
-  real step's peak is close, not equal). ``gradients`` is the gradient tree's
-  size (one block's and the rest with ``--fused-update``); like the
-  activations and the optimizer's work, it lies inside ``temporaries``.
-  ``tx`` replaces ``cfg``'s optimizer (for another library's, in the
-  whole-model step).
+  is allocated and no data is read. ``peak`` is arguments + outputs +
+  temporaries - donated aliases (the compiler's buffer assignment; a GPU assigns
+  buffers differently, so a real step's peak is close, not equal). ``gradients``
+  is the gradient tree's size (one block's and the rest with
+  ``--fused-update``); like the activations and the optimizer's work, it lies
+  inside ``temporaries``. ``tx`` replaces ``cfg``'s optimizer (for another
+  library's, in the whole-model step).
   """
   if tx is None:
     tx = config_lib.make_optimizer(cfg)
@@ -85,23 +86,29 @@ def format_memory(memory: dict[str, int], devices: int) -> str:
   """The lines ``--dry-run`` prints."""
   gib = {k: v / 2**30 for k, v in memory.items()}
   where = "per device, " if devices > 1 else ""
-  fits = [f"{size} GiB" for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
+  fits = [
+    f"{size} GiB" for size in (24, 40, 80) if memory["peak"] <= size * 2**30
+  ]
   return "\n".join(
     [
       f"compiled training step ({where}compile-only: nothing allocated;"
-      f" {'memory-optimized schedule' if jax.default_backend() == 'cpu' else 'default schedule'})",
+      f" {'memory-optimized' if jax.default_backend() == 'cpu' else 'default'}"
+      " schedule)",
       f"  parameters          {gib['parameters']:8.2f} GiB",
       f"  optimizer state     {gib['optimizer_state']:8.2f} GiB",
-      f"  gradients           {gib['gradients']:8.2f} GiB  (within temporaries)",
+      f"  gradients           {gib['gradients']:8.2f} GiB"
+      "  (within temporaries)",
       f"  temporaries         {gib['temporaries']:8.2f} GiB",
       f"  peak                {gib['peak']:8.2f} GiB",
-      f"  fits                {', '.join(fits) if fits else 'none of 24, 40, 80 GiB'}",
+      "  fits                "
+      f"{', '.join(fits) if fits else 'none of 24, 40, 80 GiB'}",
     ]
   )
 
 
 def dry_run(cfg: config_lib.TrainConfig) -> dict[str, int]:
-  """``--dry-run``: the step's memory for ``cfg``, printed; returns the figures."""
+  """``--dry-run``: the step's memory for ``cfg``, printed; returns the
+  figures."""
   tokenizer_vocab_size = data_lib.load_tokenizer(cfg.tokenizer).vocab_size
   model_config = config_lib.checked_model_config(cfg, tokenizer_vocab_size)
   memory = step_memory(cfg, model_config)

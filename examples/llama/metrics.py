@@ -39,7 +39,8 @@ class MetricsLog:
   """
 
   def __init__(self, out_dir: Path, start_step: int, enabled: bool):
-    """Reads ``out_dir/metrics.jsonl``, keeping the records up to ``start_step``.
+    """Reads ``out_dir/metrics.jsonl``, keeping the records up to
+    ``start_step``.
 
     Args:
       out_dir: the output directory (created by the first record).
@@ -51,15 +52,20 @@ class MetricsLog:
     self.records: list[dict[str, Any]] = []
     if start_step and self.path.exists():
       with self.path.open() as f:
-        self.records = [r for r in map(json.loads, f) if r["step"] <= start_step]
+        self.records = [
+          r for r in map(json.loads, f) if r["step"] <= start_step
+        ]
     self._file = None
     self._tensorboard = None
 
   def _open(self) -> None:
-    """Replaces the files of an earlier run, or of the steps after ``start_step``."""
+    """Replaces the files of an earlier run, or of the steps after
+    ``start_step``."""
     earlier = [name for name in OUTPUTS if (self.out_dir / name).exists()]
     if earlier and not self.start_step:
-      tqdm.write(f"{self.out_dir}: replacing an earlier run's {', '.join(earlier)}")
+      tqdm.write(
+        f"{self.out_dir}: replacing an earlier run's {', '.join(earlier)}"
+      )
     self.out_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS[1:]:  # they describe a run that reached its end
       (self.out_dir / name).unlink(missing_ok=True)
@@ -89,7 +95,8 @@ class MetricsLog:
 
 
 class Throughput:
-  """Tokens per second over the training steps, without compilation, evaluation and saving.
+  """Tokens per second over the training steps, without compilation, evaluation
+  and saving.
 
   :meth:`lap` is called each time the host has waited for the device; the
   first lap (the compilation) is not counted, and :meth:`restart` drops the
@@ -103,7 +110,8 @@ class Throughput:
     self._clock: float | None = None
 
   def lap(self, steps: int) -> float | None:
-    """Ends a lap of ``steps`` steps; returns its tokens/s (``None`` for the first)."""
+    """Ends a lap of ``steps`` steps; returns its tokens/s (``None`` for the
+    first)."""
     now = time.perf_counter()
     rate = None
     if self._clock is not None:

@@ -8,10 +8,10 @@ the token embedding. Shapes: tokens ``(batch, seq)`` int32 in, logits
 
 Parameters are stored in ``param_dtype`` (float32 by default; bfloat16 halves
 them, see the trainer's ``--param-dtype`` for how updates are rounded onto
-them); ``dtype`` sets the compute dtype of the embedding, the blocks and the residual stream
-(``bfloat16`` halves activation memory). The parts that decide the loss stay
-float32 whatever ``dtype`` is: the attention softmax, the RMSNorm statistics,
-the rotary rotation and the LM head, whose logits are float32. With
+them); ``dtype`` sets the compute dtype of the embedding, the blocks and the
+residual stream (``bfloat16`` halves activation memory). The parts that decide
+the loss stay float32 whatever ``dtype`` is: the attention softmax, the RMSNorm
+statistics, the rotary rotation and the LM head, whose logits are float32. With
 ``scan_layers`` the blocks are stacked, every kernel gaining a leading
 ``(n_layers,)`` axis, and run by one ``nnx.scan`` (one block to compile instead
 of ``n_layers``); grassjax treats the leading axis as a batch of independent
@@ -81,8 +81,11 @@ class LlamaConfig:
       except TypeError as err:
         raise ValueError(f"LlamaConfig.{name}: {err}") from None
       if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"LlamaConfig.{name} must be a float dtype, got {dtype}.")
-      # One canonical form (jnp.float32 and jnp.dtype("float32") hash differently).
+        raise ValueError(
+          f"LlamaConfig.{name} must be a float dtype, got {dtype}."
+        )
+      # One canonical form (jnp.float32 and jnp.dtype("float32") hash
+      # differently).
       object.__setattr__(self, name, dtype)
     for name in (
       "vocab_size",
@@ -93,14 +96,18 @@ class LlamaConfig:
       "max_seq_len",
     ):
       if not getattr(self, name) >= 1:
-        raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        raise ValueError(
+          f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}."
+        )
     for name in ("norm_eps", "rope_theta"):
       if not getattr(self, name) > 0:
-        raise ValueError(f"LlamaConfig.{name} must be > 0, got {getattr(self, name)}.")
+        raise ValueError(
+          f"LlamaConfig.{name} must be > 0, got {getattr(self, name)}."
+        )
     if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
       raise ValueError(
-        f"LlamaConfig: dim {self.dim} must split into {self.n_heads} heads of an"
-        " even size (rotary embeddings rotate pairs)."
+        f"LlamaConfig: dim {self.dim} must split into {self.n_heads} heads of"
+        " an even size (rotary embeddings rotate pairs)."
       )
 
   @property
@@ -115,7 +122,9 @@ class LlamaConfig:
 CONFIGS: dict[str, LlamaConfig] = {
   # A CPU-sized model for the default run and the tests; the byte tokenizer's
   # vocabulary.
-  "tiny": LlamaConfig(vocab_size=259, dim=128, hidden_dim=352, n_heads=4, n_layers=4),
+  "tiny": LlamaConfig(
+    vocab_size=259, dim=128, hidden_dim=352, n_heads=4, n_layers=4
+  ),
   # The papers' shapes (GaLore's LLaMA configs), T5 tokenizer vocabulary.
   "60m": LlamaConfig(dim=512, hidden_dim=1376, n_heads=8, n_layers=8),
   "130m": LlamaConfig(dim=768, hidden_dim=2048, n_heads=12, n_layers=12),
@@ -128,7 +137,9 @@ CONFIGS: dict[str, LlamaConfig] = {
 def get_config(name: str) -> LlamaConfig:
   """The named config; a ``ValueError`` lists the names for an unknown one."""
   if name not in CONFIGS:
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(CONFIGS)}.")
+    raise ValueError(
+      f"unknown model {name!r}; choose from {', '.join(CONFIGS)}."
+    )
   return CONFIGS[name]
 
 
@@ -147,12 +158,17 @@ def low_rank_mask(params: Any) -> Any:
 
   def is_low_rank(path, _) -> bool:
     # An nnx.State path ends in ``.value`` (the Variable's array), a pure dict's
-    # in the parameter's name: ``['layers'][0]['attention']['q_proj']['kernel']``,
-    # or ``['layers']['attention']['q_proj']['kernel']`` with scanned layers.
+    # in the parameter's name:
+    # ``['layers'][0]['attention']['q_proj']['kernel']``, or
+    # ``['layers']['attention']['q_proj']['kernel']`` with scanned layers.
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
     if names and names[-1] == "value":
       names = names[:-1]
-    return len(names) >= 2 and names[-1] == "kernel" and names[-2] in LOW_RANK_KERNELS
+    return (
+      len(names) >= 2
+      and names[-1] == "kernel"
+      and names[-2] in LOW_RANK_KERNELS
+    )
 
   return jax.tree_util.tree_map_with_path(is_low_rank, params)
 
@@ -186,7 +202,9 @@ def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
   )
 
 
-def rotary_angles(config: LlamaConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
+def rotary_angles(
+  config: LlamaConfig, seq_len: int
+) -> tuple[jax.Array, jax.Array]:
   """The rotary angles' ``cos`` and ``sin``, each ``(seq_len, head_dim / 2)``.
 
   Position ``p``'s ``i``-th angle is ``p * rope_theta^(-2i / head_dim)``.
@@ -221,8 +239,11 @@ class Attention(nnx.Module):
     self.v_proj = _dense(config, config.dim, config.dim, rngs)
     self.o_proj = _dense(config, config.dim, config.dim, rngs)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """``x`` ``(b, s, d)`` -> ``(b, s, d)``; position ``i`` attends to ``j <= i``."""
+  def __call__(
+    self, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+  ) -> jax.Array:
+    """``x`` ``(b, s, d)`` -> ``(b, s, d)``; position ``i`` attends to
+    ``j <= i``."""
     b, s, _ = x.shape
 
     def heads(proj):
@@ -255,7 +276,9 @@ class Block(nnx.Module):
     self.mlp_norm = _rms_norm(config, rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+  ) -> jax.Array:
     x = x + self.attention(self.attention_norm(x), rope)
     return x + self.mlp(self.mlp_norm(x))
 
@@ -285,16 +308,23 @@ class Llama(nnx.Module):
 
       self.layers = stacked_blocks(rngs)
     else:
-      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+      self.layers = nnx.List(
+        [Block(config, rngs=rngs) for _ in range(config.n_layers)]
+      )
     self.norm = _rms_norm(config, rngs)
-    # float32 logits, computed in float32: the loss is only as precise as they are.
-    self.lm_head = _dense(config, config.dim, config.vocab_size, rngs, jnp.float32)
+    # float32 logits, computed in float32: the loss is only as precise as they
+    # are.
+    self.lm_head = _dense(
+      config, config.dim, config.vocab_size, rngs, jnp.float32
+    )
 
   def rope(self, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """The rotary angles of a sequence; a ``ValueError`` past ``max_seq_len``."""
+    """The rotary angles of a sequence; a ``ValueError`` past
+    ``max_seq_len``."""
     if seq_len > self.config.max_seq_len:
       raise ValueError(
-        f"sequence of {seq_len} tokens exceeds max_seq_len {self.config.max_seq_len}."
+        f"sequence of {seq_len} tokens exceeds max_seq_len"
+        f" {self.config.max_seq_len}."
       )
     return rotary_angles(self.config, seq_len)
 
@@ -335,4 +365,6 @@ def abstract_params(config: LlamaConfig) -> nnx.State:
 
 def param_count(config: LlamaConfig) -> int:
   """The number of parameters of ``config``'s model, counted from its shapes."""
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params(config)))
+  return sum(
+    math.prod(p.shape) for p in jax.tree.leaves(abstract_params(config))
+  )

@@ -42,7 +42,8 @@ def summarize(
   tokens_per_sec: float | None,
   wall_seconds: float,
 ) -> dict[str, Any]:
-  """A run's summary: final losses, throughput, and its optimizer state against AdamW's.
+  """A run's summary: final losses, throughput, and its optimizer state against
+  AdamW's.
 
   Args:
     cfg: the run's configuration.
@@ -111,7 +112,8 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"  final eval loss     {summary['final_eval_loss']:.4f}"
       f"  (perplexity {summary['final_eval_ppl']:.2f})",
       f"  throughput          {_tokens_per_sec(summary)} tokens/s",
-      f"  optimizer state     {summary['optimizer_state_bytes'] / 2**20:,.2f} MiB"
+      "  optimizer state     "
+      f"{summary['optimizer_state_bytes'] / 2**20:,.2f} MiB"
       f"  (AdamW: {summary['adamw_state_bytes'] / 2**20:,.2f} MiB,"
       f" ratio {summary['state_bytes_ratio_to_adamw']:.3f})",
       f"  wall time           {summary['wall_seconds']:.0f} s",
@@ -147,7 +149,8 @@ def markdown_table(
 
 
 def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
-  """Runs side by side, one row each: loss, perplexity, tokens/s, optimizer state."""
+  """Runs side by side, one row each: loss, perplexity, tokens/s, optimizer
+  state."""
   header = (
     "optimizer",
     "final eval loss",
@@ -196,7 +199,9 @@ def plot_losses(
   fig.savefig(path, dpi=120)
 
 
-def _plot_run(ax, records: Sequence[dict[str, Any]], label: str, color: str) -> None:
+def _plot_run(
+  ax, records: Sequence[dict[str, Any]], label: str, color: str
+) -> None:
   """Adds one run's training loss (smoothed) and validation loss to ``ax``."""
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -209,4 +214,6 @@ def _plot_run(ax, records: Sequence[dict[str, Any]], label: str, color: str) -> 
     ax.plot(steps[window - 1 :], smooth, color=color, label=f"{prefix}train")
   if evals:
     steps, losses = zip(*evals, strict=True)
-    ax.plot(steps, losses, "o--", color=color, markersize=4, label=f"{prefix}eval")
+    ax.plot(
+      steps, losses, "o--", color=color, markersize=4, label=f"{prefix}eval"
+    )

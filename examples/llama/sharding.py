@@ -33,7 +33,8 @@ from examples.llama.errors import UserError
 
 
 def make_mesh(kind: str) -> Mesh:
-  """The mesh of ``--mesh``: a one-device mesh for ``none``, all devices otherwise.
+  """The mesh of ``--mesh``: a one-device mesh for ``none``, all devices
+  otherwise.
 
   Args:
     kind: ``"none"``, ``"dp"`` or ``"fsdp"``.
@@ -47,7 +48,8 @@ def make_mesh(kind: str) -> Mesh:
   if kind == "none":
     if jax.process_count() > 1:
       raise UserError(
-        f"--mesh none trains on one device, and this run has {jax.process_count()}"
+        "--mesh none trains on one device, and this run has"
+        f" {jax.process_count()}"
         " processes: a multi-process run needs --mesh dp or fsdp."
       )
     return Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -81,7 +83,9 @@ def start_distributed(cfg: config_lib.TrainConfig) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   xla_flags = os.environ.get("XLA_FLAGS", "")
   if _CPU_SCHEDULER_FLAG not in xla_flags:
-    os.environ["XLA_FLAGS"] = f"{xla_flags} --{_CPU_SCHEDULER_FLAG}=false".strip()
+    os.environ["XLA_FLAGS"] = (
+      f"{xla_flags} --{_CPU_SCHEDULER_FLAG}=false".strip()
+    )
   try:
     jax.distributed.initialize(
       cfg.coordinator_address, cfg.num_processes, cfg.process_id
@@ -94,7 +98,8 @@ def start_distributed(cfg: config_lib.TrainConfig) -> None:
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int, ndim: int) -> NamedSharding:
-  """Splits axis ``batch_axis`` of an ``ndim``-dimensional batch over the mesh."""
+  """Splits axis ``batch_axis`` of an ``ndim``-dimensional batch over the
+  mesh."""
   spec = [None] * ndim
   spec[batch_axis] = mesh.axis_names[0]
   return NamedSharding(mesh, P(*spec))
@@ -106,7 +111,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def fsdp_spec(shape: tuple[int, ...], num_devices: int, axis_name: str) -> P:
-  """Shards the largest dimension that ``num_devices`` divides; vectors replicate."""
+  """Shards the largest dimension that ``num_devices`` divides; vectors
+  replicate."""
   if len(shape) < 2:
     return P()
   divisible = [d for d, size in enumerate(shape) if size % num_devices == 0]
@@ -137,14 +143,18 @@ def state_shardings(abstract_state, mesh: Mesh, kind: str):
 
 
 def put(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A host batch as a global array; each process keeps only its devices' parts."""
-  return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+  """A host batch as a global array; each process keeps only its devices'
+  parts."""
+  return jax.make_array_from_callback(
+    batch.shape, sharding, lambda index: batch[index]
+  )
 
 
 def process_rows(
   sharding: NamedSharding, shape: tuple[int, ...], axis: int
 ) -> list[int]:
-  """The indices along ``axis`` of a ``shape`` array that this process's devices hold."""
+  """The indices along ``axis`` of a ``shape`` array that this process's devices
+  hold."""
   rows: set[int] = set()
   for index in sharding.addressable_devices_indices_map(shape).values():
     rows.update(range(*index[axis].indices(shape[axis])))

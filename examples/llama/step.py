@@ -58,20 +58,27 @@ class GraphDefs(NamedTuple):
 
 
 def _build(
-  model_config: model_lib.LlamaConfig, tx: optax.GradientTransformation, seed: int
+  model_config: model_lib.LlamaConfig,
+  tx: optax.GradientTransformation,
+  seed: int,
 ) -> tuple[model_lib.Llama, nnx.Optimizer]:
   model = model_lib.Llama(model_config, rngs=nnx.Rngs(seed))
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def abstract_train_state(
-  model_config: model_lib.LlamaConfig, tx: optax.GradientTransformation, seed: int
+  model_config: model_lib.LlamaConfig,
+  tx: optax.GradientTransformation,
+  seed: int,
 ) -> tuple[GraphDefs, TrainState]:
-  """The graph definitions and the shapes of the state, without allocating it."""
+  """The graph definitions and the shapes of the state, without allocating
+  it."""
   model, optimizer = nnx.eval_shape(lambda: _build(model_config, tx, seed))
   model_def, model_state = nnx.split(model)
   optimizer_def, optimizer_state = nnx.split(optimizer)
-  return GraphDefs(model_def, optimizer_def), TrainState(model_state, optimizer_state)
+  return GraphDefs(model_def, optimizer_def), TrainState(
+    model_state, optimizer_state
+  )
 
 
 def init_train_state(
@@ -96,7 +103,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def energy_by_layer_type(grads, opt_state) -> dict[str, jax.Array]:
-  """Mean energy fraction of each kind of projected kernel (q_proj, ..., down_proj).
+  """Mean energy fraction of each kind of projected kernel (q_proj, ...,
+  down_proj).
 
   ``R = ||S^T G||_F / ||G||_F`` (:func:`grassjax.diagnostics.energy_fraction`),
   averaged over the layers: the share of the gradient the subspace keeps, the
@@ -140,12 +148,14 @@ def clip_by_group_norm(grads, max_norm: float, stacked: bool):
     for x in leaves
   )
   norm = jnp.sqrt(square)
-  factor = jnp.where(norm < max_norm, 1.0, max_norm / jnp.where(norm > 0, norm, 1.0))
+  factor = jnp.where(
+    norm < max_norm, 1.0, max_norm / jnp.where(norm > 0, norm, 1.0)
+  )
 
   def scale(x):
-    return (x * factor.reshape(factor.shape + (1,) * (x.ndim - factor.ndim))).astype(
-      x.dtype
-    )
+    return (
+      x * factor.reshape(factor.shape + (1,) * (x.ndim - factor.ndim))
+    ).astype(x.dtype)
 
   return jax.tree.map(scale, grads)
 
@@ -153,7 +163,9 @@ def clip_by_group_norm(grads, max_norm: float, stacked: bool):
 def in_layers(path) -> bool:
   """Whether a parameter path lies in the stacked blocks (``layers``)."""
   first = path[0]
-  return getattr(first, "key", getattr(first, "name", None)) == config_lib.LAYERS
+  return (
+    getattr(first, "key", getattr(first, "name", None)) == config_lib.LAYERS
+  )
 
 
 def clip_per_layer(grads, max_norm: float = 1.0):
@@ -188,7 +200,8 @@ def _join(flagged: Sequence, others: Sequence, flags: Sequence[bool]) -> list:
 
 
 def stochastic_round(x: jax.Array, bits: jax.Array) -> jax.Array:
-  """float32 ``x`` -> bfloat16, rounded up with probability equal to the remainder.
+  """float32 ``x`` -> bfloat16, rounded up with probability equal to the
+  remainder.
 
   ``bits`` are uniform random ``uint32``: their low 16 bits are added to the
   low 16 bits of ``x`` (the ones bfloat16 drops) before truncation, so
@@ -269,9 +282,14 @@ def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array | None:
 
 
 def make_train_step(
-  cfg: config_lib.TrainConfig, graphdefs: GraphDefs, shardings, batch_sharding, mesh
+  cfg: config_lib.TrainConfig,
+  graphdefs: GraphDefs,
+  shardings,
+  batch_sharding,
+  mesh,
 ):
-  """The jitted optimizer step ``(state, batch) -> (state, metrics)``, state donated.
+  """The jitted optimizer step ``(state, batch) -> (state, metrics)``, state
+  donated.
 
   ``batch`` is ``(grad_accum, micro_batch, seq_len + 1)`` int32 tokens; the
   gradients of the micro-batches are summed in a ``lax.scan`` and averaged,
@@ -281,14 +299,18 @@ def make_train_step(
   this step's gradient (NaN on the first step, which has no subspace yet).
   """
 
-  def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, jax.Array]:
+  def train_step(
+    state: TrainState, batch: jax.Array
+  ) -> tuple[TrainState, jax.Array]:
     model = nnx.merge(graphdefs.model, state.model)
     optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
     step = fused_step if cfg.fused_update else whole_model_step
     loss, params, opt_state, energy = step(cfg, model, optimizer, batch)
     first_step = optimizer.step[...] == 0
     metrics = {"loss": loss}
-    metrics.update((k, jnp.where(first_step, jnp.nan, v)) for k, v in energy.items())
+    metrics.update(
+      (k, jnp.where(first_step, jnp.nan, v)) for k, v in energy.items()
+    )
     return _commit(model, optimizer, params, opt_state), metrics
 
   return jax.jit(
@@ -336,8 +358,11 @@ class ScannedBackward:
     )
 
   def part(self, tree, layers: bool) -> list:
-    """The block leaves (``layers``) or the other leaves of a model-shaped tree."""
-    return _split(self.treedef.flatten_up_to(tree), self.layer_pos)[0 if layers else 1]
+    """The block leaves (``layers``) or the other leaves of a model-shaped
+    tree."""
+    return _split(self.treedef.flatten_up_to(tree), self.layer_pos)[
+      0 if layers else 1
+    ]
 
   def block(self, layer_leaves, x: jax.Array) -> jax.Array:
     params = self.layers_treedef.unflatten(layer_leaves)
@@ -370,7 +395,9 @@ class ScannedBackward:
       return self.block([_pick(s, i) for s in stacks], x), _put(inputs, x, i)
 
     inputs = jnp.zeros((self.n_layers, *x.shape), x.dtype)
-    x, self.block_inputs = jax.lax.fori_loop(0, self.n_layers, body, (x, inputs))
+    x, self.block_inputs = jax.lax.fori_loop(
+      0, self.n_layers, body, (x, inputs)
+    )
     loss, head_vjp = jax.vjp(self._head_loss, rest, x)
     self._rest_from_head, dx = head_vjp(jnp.ones_like(loss))
     return loss, dx
@@ -385,7 +412,9 @@ class ScannedBackward:
     """Gradients of the embedding, final norm and head, given the first
     block's input cotangent."""
     (from_embed,) = self._embed_vjp(dx)
-    return self.part(jax.tree.map(jnp.add, self._rest_from_head, from_embed), False)
+    return self.part(
+      jax.tree.map(jnp.add, self._rest_from_head, from_embed), False
+    )
 
 
 def _pick(x: jax.Array, index) -> jax.Array:
@@ -401,7 +430,9 @@ def _partition(opt_state) -> optax.PartitionState | None:
   clipping); None for another optimizer's state."""
   is_partition = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
   found = [
-    x for x in jax.tree.leaves(opt_state, is_leaf=is_partition) if is_partition(x)
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=is_partition)
+    if is_partition(x)
   ]
   return found[0] if len(found) == 1 else None
 
@@ -426,7 +457,9 @@ class LayerStates:
         strict=True,
       )
     ]
-    leaves, self.treedef = jax.tree.flatten(partition.inner_states[config_lib.LAYERS])
+    leaves, self.treedef = jax.tree.flatten(
+      partition.inner_states[config_lib.LAYERS]
+    )
     self.stacks, self.shared = _split(leaves, self.stacked)
 
   def at(self, index, stacks: Sequence, shared: Sequence):
@@ -458,16 +491,18 @@ def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
   """``(loss, grads, energy)`` of a scanned model by :class:`ScannedBackward`.
 
   With ``opt_state`` (of :func:`config.make_optimizer`'s partition; another
-  optimizer has no energy), :func:`energy_by_layer_type` of each block's gradient
-  is measured as the backward loop makes it (so before any update, which may
-  then write over the gradients and the bases in place), averaged over the
-  blocks; otherwise ``energy`` is empty.
+  optimizer has no energy), :func:`energy_by_layer_type` of each block's
+  gradient is measured as the backward loop makes it (so before any update,
+  which may then write over the gradients and the bases in place), averaged over
+  the blocks; otherwise ``energy`` is empty.
   """
   passes = ScannedBackward(model, params, tokens)
   loss, dx = passes.forward()
   layer_params = passes.part(params, True)
   partition = None if opt_state is None else _partition(opt_state)
-  states = None if partition is None else LayerStates(cfg, passes, params, partition)
+  states = (
+    None if partition is None else LayerStates(cfg, passes, params, partition)
+  )
 
   def backward(i, carry):
     dx, grads, energy = carry
@@ -479,11 +514,15 @@ def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
       state = states.at(index, states.stacks, states.shared)
       layer_energy = energy_by_layer_type(passes.whole(layer_grads), state)
       energy = {k: _put(energy[k], v, index) for k, v in layer_energy.items()}
-    grads = [_put(*pair, index) for pair in zip(grads, layer_grads, strict=True)]
+    grads = [
+      _put(*pair, index) for pair in zip(grads, layer_grads, strict=True)
+    ]
     return dx, grads, energy
 
   zeros = [jnp.zeros_like(x) for x in layer_params]
-  energy = {} if states is None else _energy_shapes(passes, states, layer_params)
+  energy = (
+    {} if states is None else _energy_shapes(passes, states, layer_params)
+  )
   dx, layer_grads, energy = jax.lax.fori_loop(
     0, passes.n_layers, backward, (dx, zeros, energy)
   )
@@ -501,7 +540,9 @@ def whole_model_step(cfg, model, optimizer, batch):
 
   opt_state = nnx.as_pure(optimizer.opt_state)
   if cfg.scan_layers and batch.shape[0] == 1:
-    loss, grads, energy = _scanned_gradients(cfg, model, params, batch[0], opt_state)
+    loss, grads, energy = _scanned_gradients(
+      cfg, model, params, batch[0], opt_state
+    )
   else:
     if cfg.scan_layers:
 
@@ -521,7 +562,9 @@ def whole_model_step(cfg, model, optimizer, batch):
     else:
 
       def accumulate(totals, tokens):
-        return jax.tree.map(jnp.add, totals, value_and_grad(params, tokens)), None
+        return jax.tree.map(
+          jnp.add, totals, value_and_grad(params, tokens)
+        ), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       totals, _ = jax.lax.scan(accumulate, zeros, batch)
@@ -543,7 +586,8 @@ def _group_tx(cfg, group: str) -> optax.GradientTransformation:
   """One group of :func:`config.make_optimizer`'s partition, on its own."""
   base = config_lib.base_optimizer(cfg)
   return optax.masked(
-    base, lambda p: jax.tree.map(lambda g: g == group, config_lib.param_groups(p))
+    base,
+    lambda p: jax.tree.map(lambda g: g == group, config_lib.param_groups(p)),
   )
 
 
@@ -564,7 +608,8 @@ def fused_step(cfg, model, optimizer, batch):
   whole, n_layers = passes.whole, passes.n_layers
   loss, dx = passes.forward()
 
-  states = LayerStates(cfg, passes, params, opt_state)  # fused: the partition alone
+  # fused: the partition alone
+  states = LayerStates(cfg, passes, params, opt_state)
   layer_params = passes.part(params, True)
 
   def layer_step(index, dx, layer_params, state_stacks):
@@ -578,7 +623,9 @@ def fused_step(cfg, model, optimizer, batch):
     state = states.at(index, state_stacks, states.shared)
     grads = whole(grads)
     energy = energy_by_layer_type(grads, state)
-    updates, state = states.tx.update(grads, state, whole(p), layer=(index, n_layers))
+    updates, state = states.tx.update(
+      grads, state, whole(p), layer=(index, n_layers)
+    )
     p = passes.part(apply_updates(whole(p), updates, key, layer=index), True)
     return dx, p, *states.parts(state), energy
 
@@ -591,14 +638,20 @@ def fused_step(cfg, model, optimizer, batch):
     return (
       dx,
       [_put(*pair, index) for pair in zip(layer_params, p, strict=True)],
-      [_put(*pair, index) for pair in zip(state_stacks, state_slices, strict=True)],
+      [
+        _put(*pair, index)
+        for pair in zip(state_stacks, state_slices, strict=True)
+      ],
       shared,
       {k: _put(energy[k], v, index) for k, v in layer_energy.items()},
     )
 
   energy = _energy_shapes(passes, states, layer_params)
   dx, layer_params, state_stacks, shared, energy = jax.lax.fori_loop(
-    0, n_layers, backward, (dx, layer_params, states.stacks, states.shared, energy)
+    0,
+    n_layers,
+    backward,
+    (dx, layer_params, states.stacks, states.shared, energy),
   )
 
   # The embedding, final norm and head: one more group, updated last.
@@ -607,7 +660,9 @@ def fused_step(cfg, model, optimizer, batch):
     grads = clip_by_group_norm(grads, 1.0, stacked=False)
   rest_params = whole(rest_leaves=passes.part(params, False))
   updates, rest_state = _group_tx(cfg, config_lib.REST).update(
-    whole(rest_leaves=grads), opt_state.inner_states[config_lib.REST], rest_params
+    whole(rest_leaves=grads),
+    opt_state.inner_states[config_lib.REST],
+    rest_params,
   )
   rest = passes.part(apply_updates(rest_params, updates, key), False)
   opt_state = optax.PartitionState(

@@ -1,8 +1,8 @@
 """Pre-train a LLaMA model with grassjax (or AdamW), on one device or a mesh.
 
-    python -m examples.llama.train                      # tiny model, shipped sample
-    python -m examples.llama.train --optimizer adamw    # the same with AdamW
-    python -m examples.llama.train --help               # every flag
+    python -m examples.llama.train  # tiny model, shipped sample
+    python -m examples.llama.train --optimizer adamw  # the same with AdamW
+    python -m examples.llama.train --help  # every flag
     python -m examples.llama.train --model 7b --scan-layers --dry-run  # memory
 
 The training state is the model and an ``nnx.Optimizer``, split into pure
@@ -83,7 +83,9 @@ def make_eval_step(graphdefs: GraphDefs, shardings, batch_sharding, mesh):
   )
 
 
-def evaluate(eval_step, state: TrainState, batches: Sequence[jax.Array]) -> float:
+def evaluate(
+  eval_step, state: TrainState, batches: Sequence[jax.Array]
+) -> float:
   """Mean validation loss over ``batches`` (all of one size)."""
   losses = [eval_step(state, batch) for batch in batches]
   return float(np.mean(jax.device_get(losses)))
@@ -138,7 +140,9 @@ def train(
     )
   # One data stream per process unless given; the checkpoints' configuration
   # and the summary record the number, which fixes the data order.
-  cfg = dataclasses.replace(cfg, data_streams=cfg.data_streams or jax.process_count())
+  cfg = dataclasses.replace(
+    cfg, data_streams=cfg.data_streams or jax.process_count()
+  )
   train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   batch_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
   batches = data_lib.ProcessBatches(
@@ -215,16 +219,25 @@ def train(
 
     last = step == cfg.steps
     evaluate_now = step % cfg.eval_every == 0 or last
-    save_now = checkpoints is not None and (step % cfg.checkpoint_every == 0 or last)
-    if step % cfg.log_every == 0 or step == start + 1 or evaluate_now or save_now:
+    save_now = checkpoints is not None and (
+      step % cfg.checkpoint_every == 0 or last
+    )
+    if (
+      step % cfg.log_every == 0 or step == start + 1 or evaluate_now or save_now
+    ):
       metrics_lib.record_losses(pending, schedule, metrics, throughput, bar)
       pending = []
     if evaluate_now:
       eval_loss = evaluate(eval_step, state, eval_data)
-      record = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)}
+      record = {
+        "step": step,
+        "eval_loss": eval_loss,
+        "eval_ppl": math.exp(eval_loss),
+      }
       metrics.write(record)
       announce(
-        f"step {step}: eval loss {eval_loss:.4f}, perplexity {record['eval_ppl']:.2f}"
+        f"step {step}: eval loss {eval_loss:.4f}, perplexity"
+        f" {record['eval_ppl']:.2f}"
       )
       if last:
         final_eval = record
@@ -234,7 +247,8 @@ def train(
       throughput.restart()
   bar.close()
 
-  if final_eval is None:  # resumed from the final checkpoint: nothing left to train
+  # resumed from the final checkpoint: nothing left to train
+  if final_eval is None:
     eval_loss = evaluate(eval_step, state, eval_data)
     final_eval = {"eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)}
   if checkpoints is not None:
