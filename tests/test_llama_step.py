@@ -105,7 +105,7 @@ def test_fused_update_with_bfloat16_weights_and_state_equals_unfused():
     assert np.all(np.abs(a - b)[differ] <= 2**-7 * np.abs(a)[differ])
 
 
-def test_energy_measured_in_the_backward_loop_equals_the_energy_of_the_gradient():  # noqa: E501
+def test_energy_in_the_backward_loop_equals_the_gradients_energy():
   # One micro-batch: a scanned model measures each block's energy fraction
   # inside its backward loop. Two equal micro-batches: the gradient is the
   # same, and its energy is measured on the whole accumulated tree.
@@ -139,7 +139,7 @@ def test_clip_per_layer_clips_each_block_and_the_rest():
   )
 
 
-def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update():  # noqa: E501
+def test_stochastic_rounding_is_unbiased_where_nearest_drops_updates():
   weight = jnp.float32(1.0)
   update = jnp.float32(1e-4)  # far below bfloat16's spacing at 1 (2^-7)
   bits = jax.random.bits(jax.random.key(0), (20000,), jnp.uint32)
