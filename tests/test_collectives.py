@@ -9,12 +9,10 @@ fail. XLA's host device count is fixed when JAX starts, so the check runs in a
 subprocess with four host devices.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import grassjax
+from tests import host_devices
 
 SCRIPT = textwrap.dedent(
   """
@@ -60,24 +58,12 @@ SCRIPT = textwrap.dedent(
 
 
 def test_only_the_exact_svd_gathers_a_gradient():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  result = subprocess.run(
-    [sys.executable, "-c", SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
+  stdout = host_devices.run_script(SCRIPT)
   largest = {
     line.split(":")[0]: int(line.rsplit(" ", 1)[1])
-    for line in result.stdout.splitlines()
+    for line in stdout.splitlines()
   }
   matrix = 64 * 256
-  assert largest["galore (exact SVD)"] >= matrix, result.stdout
+  assert largest["galore (exact SVD)"] >= matrix, stdout
   for name in grassjax.OPTIMIZERS:
-    assert largest[name] < matrix, result.stdout
+    assert largest[name] < matrix, stdout

@@ -4,12 +4,10 @@ XLA's host device count must be set before JAX starts, so the check runs in a
 subprocess with ``--xla_force_host_platform_device_count=4``.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import grassjax
+from tests import host_devices
 
 SCRIPT = textwrap.dedent(
   """
@@ -86,18 +84,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_run_equals_unsharded_run():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  result = subprocess.run(
-    [sys.executable, "-c", SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
+  stdout = host_devices.run_script(SCRIPT)
   for name in grassjax.OPTIMIZERS:
-    assert f"{name} ok" in result.stdout
+    assert f"{name} ok" in stdout
