@@ -88,7 +88,7 @@ def run(
     adaptive_optimizer=ao,
     recovery_scaling=rs,
     out_dir=str(out_dir / name),
-  )
+  ).resolved(process_count=1)
   summary_path = out_dir / name / "summary.json"
   earlier = (
     json.loads(summary_path.read_text()) if summary_path.exists() else {}

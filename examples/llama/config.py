@@ -355,6 +355,13 @@ class TrainConfig:
       projected_side=self.projected_side if low_rank else "shorter",
     )
 
+  def resolved(self, process_count: int) -> TrainConfig:
+    """This configuration as a run of ``process_count`` processes records it:
+    ``data_streams`` defaults to one stream per process."""
+    return dataclasses.replace(
+      self, data_streams=self.data_streams or process_count
+    )
+
   @property
   def micro_batch_size(self) -> int:
     """Sequences per micro-batch (one forward and backward pass)."""

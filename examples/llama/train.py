@@ -27,7 +27,6 @@ everywhere), all save and restore the checkpoints together, and only process
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -140,9 +139,7 @@ def train(
     )
   # One data stream per process unless given; the checkpoints' configuration
   # and the summary record the number, which fixes the data order.
-  cfg = dataclasses.replace(
-    cfg, data_streams=cfg.data_streams or jax.process_count()
-  )
+  cfg = cfg.resolved(jax.process_count())
   train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   batch_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
   batches = data_lib.ProcessBatches(
