@@ -9,8 +9,10 @@ Every run is the LLaMA example's trainer (:func:`examples.llama.train.train`)
 with the same data, token budget and settings; the optimizer, its learning
 rate and the seed (model init, data order, subspaces) change. Each optimizer
 of ``grassjax.OPTIMIZERS`` and AdamW, at its defaults, runs for every
-learning rate of ``--lrs`` and seed of ``--seeds``; it is then compared at
-its best learning rate (the lowest mean final eval loss over the seeds).
+learning rate of ``--lrs`` and seed of ``--seeds``; where its best rate
+(the lowest mean final eval loss over the seeds) lies on an edge of the grid,
+the grid grows past that edge (``--max-extra-lrs`` times at most), so the
+rate each optimizer is compared at is tuned, not a bound.
 
 ``--ablation`` adds the 16 cells of the grid in Table 1 of "Principled
 Randomized Exploration of Gradient Subspaces for Efficient LLM Training" (4
@@ -31,7 +33,7 @@ import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,22 +152,73 @@ def _losses(records: Sequence[dict], **match) -> list[float]:
   ]
 
 
+def _mean_loss(losses: Sequence[float]) -> float:
+  """The mean over seeds; a diverged run (NaN) ranks last."""
+  mean = statistics.mean(losses)
+  return math.inf if math.isnan(mean) else mean
+
+
 def _mean_std(losses: Sequence[float]) -> str:
+  if not losses:
+    return ""
   if len(losses) < 2:
     return f"{losses[0]:.4f}"
   return f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
 
 
-def best_lrs(records: Sequence[dict], lrs: Sequence[float]) -> dict[str, float]:
-  """Each optimizer's learning rate of lowest mean final eval loss."""
-  optimizers = dict.fromkeys(r["optimizer"] for r in records)
-  return {
-    name: min(
-      lrs,
-      key=lambda lr: statistics.mean(_losses(records, optimizer=name, lr=lr)),
+def best_lrs(records: Sequence[dict]) -> dict[str, float]:
+  """Each optimizer's learning rate of lowest mean final eval loss, among
+  the rates it ran with."""
+  best = {}
+  for name in dict.fromkeys(r["optimizer"] for r in records):
+    lrs = {r["lr"] for r in records if r["optimizer"] == name}
+    best[name] = min(
+      sorted(lrs),
+      key=lambda lr: _mean_loss(_losses(records, optimizer=name, lr=lr)),
     )
-    for name in optimizers
-  }
+  return best
+
+
+def _round_rate(lr: float) -> float:
+  """The nearest of 1, 2, 3 or 5 times a power of ten, in log distance."""
+  exponent = math.floor(math.log10(lr))
+  candidates = [
+    float(f"{mantissa}e{e}")
+    for e in (exponent, exponent + 1)
+    for mantissa in (1, 2, 3, 5)
+  ]
+  return min(candidates, key=lambda c: abs(math.log(c / lr)))
+
+
+def sweep(
+  run_seeds: Callable[[float], list[dict]],
+  lrs: Sequence[float],
+  max_extra: int,
+) -> list[dict]:
+  """The records of ``run_seeds(lr)`` over the grid ``lrs``, extended past an
+  edge while the best rate sits on it.
+
+  A best rate at the grid's edge is a bound, not a tuned rate: the grid grows
+  there by its mean ratio between neighbours, rounded to 1, 2, 3 or 5 times
+  a power of ten (``1e-3, 3e-3, 1e-2`` goes on to ``3e-4, 1e-4`` or ``3e-2,
+  1e-1``), at most ``max_extra`` times.
+  """
+  grid = sorted(lrs)
+  records = [r for lr in grid for r in run_seeds(lr)]
+  if len(grid) < 2:
+    return records
+  ratio = (grid[-1] / grid[0]) ** (1 / (len(grid) - 1))
+  for _ in range(max_extra):
+    (best,) = best_lrs(records).values()
+    if best == grid[0]:
+      grid.insert(0, _round_rate(grid[0] / ratio))
+      records += run_seeds(grid[0])
+    elif best == grid[-1]:
+      grid.append(_round_rate(grid[-1] * ratio))
+      records += run_seeds(grid[-1])
+    else:
+      break
+  return records
 
 
 def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
@@ -182,17 +235,20 @@ def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
   )
 
 
-def tables(
-  records: Sequence[dict], lrs: Sequence[float], best: dict[str, float]
-) -> str:
+def tables(records: Sequence[dict], best: dict[str, float]) -> str:
   """The learning-rate grid, the comparison at the best rates, the ablation."""
   main = [r for r in records if "ablation" not in r]
   optimizers = list(best)
+  lrs = sorted({r["lr"] for r in main})
   grid = [
     (name, *(_mean_std(_losses(main, optimizer=name, lr=lr)) for lr in lrs))
     for name in optimizers
   ]
-  out = "## Final eval loss by learning rate, mean ± std over seeds\n\n"
+  out = (
+    "## Final eval loss by learning rate, mean ± std over seeds\n\n"
+    "A blank cell: a rate outside that optimizer's grid, which grows past"
+    " an edge only while its best rate sits there.\n\n"
+  )
   out += common.markdown_table(
     ("optimizer", *(f"lr {lr:g}" for lr in lrs)), grid
   )
@@ -286,6 +342,13 @@ def main(argv=None) -> None:
     ),
   )
   parser.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
+  parser.add_argument(
+    "--max-extra-lrs",
+    type=int,
+    default=2,
+    help="rates each optimizer's grid may grow by past an edge where its"
+    " best rate lies (0: the grid as given)",
+  )
   parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
   parser.add_argument(
     "--optimizers",
@@ -301,12 +364,17 @@ def main(argv=None) -> None:
   out_dir = Path(cfg.out_dir)
 
   records = [
-    run(cfg, optimizer, lr, seed, out_dir)
+    record
     for optimizer in args.optimizers
-    for lr in args.lrs
-    for seed in args.seeds
+    for record in sweep(
+      lambda lr, optimizer=optimizer: [
+        run(cfg, optimizer, lr, seed, out_dir) for seed in args.seeds
+      ],
+      args.lrs,
+      args.max_extra_lrs,
+    )
   ]
-  best = best_lrs(records, args.lrs)
+  best = best_lrs(records)
   if args.ablation:
     for rule, optimizer in RULES.items():
       for ao in (False, True):
@@ -316,11 +384,18 @@ def main(argv=None) -> None:
             records.append({**record, "ablation": rule})
 
   budget = common.run_budget(cfg).rsplit(", lr", 1)[0]
-  text = f"Budget: {budget}; learning rates {args.lrs}, seeds {args.seeds}.\n\n"
-  text += tables(records, args.lrs, best)
+  grids = {
+    name: sorted({r["lr"] for r in records if r["optimizer"] == name})
+    for name in best
+  }
+  text = (
+    f"Budget: {budget}; learning rates {args.lrs} (grown past an edge up to"
+    f" {args.max_extra_lrs} times), seeds {args.seeds}.\n\n"
+  )
+  text += tables(records, best)
   meta = {
     "budget": budget,
-    "lrs": args.lrs,
+    "lrs": grids,
     "seeds": args.seeds,
     "best_lr": best,
     "config": {

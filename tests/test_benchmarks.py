@@ -1,0 +1,65 @@
+"""The benchmarks' statistics: learning-rate tuning and the noise test."""
+
+import math
+
+import pytest
+
+from benchmarks import quality
+
+
+def _fake_runs(loss_of_lr, seeds=(0, 1, 2)):
+  """``run_seeds`` for :func:`quality.sweep` with losses from a formula, and
+  the list of rates it was called with."""
+  called = []
+
+  def run_seeds(lr):
+    called.append(lr)
+    return [
+      {
+        "optimizer": "opt",
+        "lr": lr,
+        "seed": seed,
+        "final_eval_loss": loss_of_lr(lr) + 1e-3 * seed,
+      }
+      for seed in seeds
+    ]
+
+  return run_seeds, called
+
+
+def _parabola(best_lr):
+  return lambda lr: (math.log10(lr) - math.log10(best_lr)) ** 2
+
+
+@pytest.mark.parametrize(
+  "best_lr, grown",
+  [
+    (3e-3, []),  # inside the grid: nothing added
+    (3e-4, [3e-4, 1e-4]),  # below: grows down until the best is inside
+    (3e-2, [3e-2, 1e-1]),  # above: grows up
+    (1e-6, [3e-4, 1e-4]),  # far below: stops after max_extra rates
+  ],
+)
+def test_sweep_grows_the_grid_past_an_edge_holding_the_best_rate(
+  best_lr, grown
+):
+  run_seeds, called = _fake_runs(_parabola(best_lr))
+  records = quality.sweep(run_seeds, [1e-3, 3e-3, 1e-2], max_extra=2)
+  assert called == [1e-3, 3e-3, 1e-2, *grown]
+  assert len(records) == 3 * len(called)
+  best = quality.best_lrs(records)["opt"]
+  if best_lr != 1e-6:
+    assert best == pytest.approx(best_lr)
+    assert min(called) < best < max(called)
+
+
+def test_a_diverged_rate_is_never_the_best():
+  run_seeds, _ = _fake_runs(lambda lr: math.nan if lr > 5e-3 else -lr)
+  records = quality.sweep(run_seeds, [1e-3, 3e-3, 1e-2], max_extra=0)
+  assert quality.best_lrs(records) == {"opt": 3e-3}
+
+
+def test_beyond_noise_compares_the_gap_with_the_seed_spread():
+  assert quality.beyond_noise([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == "yes"
+  assert quality.beyond_noise([1.0, 1.1, 0.9], [1.05, 1.15, 0.95]) == "no"
+  assert quality.beyond_noise([1.0], [2.0]) == "n/a"
