@@ -67,6 +67,16 @@ def median_seconds(
   return statistics.median(times), len(times)
 
 
+def floats(text: str) -> list[float]:
+  """A comma-separated list of numbers, as a command-line argument type."""
+  return [float(x) for x in text.split(",")]
+
+
+def ints(text: str) -> list[int]:
+  """A comma-separated list of integers, as a command-line argument type."""
+  return [int(x) for x in text.split(",")]
+
+
 def display_path(path: str | Path) -> str:
   """``path`` relative to the working directory when it lies under it."""
   path = Path(path).absolute()

@@ -158,7 +158,8 @@ def _mean_loss(losses: Sequence[float]) -> float:
   return math.inf if math.isnan(mean) else mean
 
 
-def _mean_std(losses: Sequence[float]) -> str:
+def mean_std(losses: Sequence[float]) -> str:
+  """``"mean ± std"`` of losses over seeds; one loss alone; none blank."""
   if not losses:
     return ""
   if len(losses) < 2:
@@ -241,7 +242,7 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
   optimizers = list(best)
   lrs = sorted({r["lr"] for r in main})
   grid = [
-    (name, *(_mean_std(_losses(main, optimizer=name, lr=lr)) for lr in lrs))
+    (name, *(mean_std(_losses(main, optimizer=name, lr=lr)) for lr in lrs))
     for name in optimizers
   ]
   out = (
@@ -263,7 +264,7 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
       (
         name,
         f"{best[name]:g}",
-        _mean_std(losses),
+        mean_std(losses),
         f"{min(losses):.4f} to {max(losses):.4f}",
         "" if name == "adamw" else f"{diff:+.4f}",
         "" if name == "adamw" else beyond_noise(losses, adamw),
@@ -293,7 +294,7 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
         rule,
         f"{best[optimizer]:g}",
         *(
-          _mean_std(
+          mean_std(
             _losses(
               ablation,
               ablation=rule,
@@ -311,18 +312,10 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
     out += (
       "\n## Ablation grid: final eval loss"
       f" (seeds {', '.join(map(str, seeds))};"
-      f" AdamW at its best lr: {_mean_std(adamw)})\n\n"
+      f" AdamW at its best lr: {mean_std(adamw)})\n\n"
       + common.markdown_table(header, cells)
     )
   return out + "\n"
-
-
-def _floats(text: str) -> list[float]:
-  return [float(x) for x in text.split(",")]
-
-
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",")]
 
 
 @reports_user_errors("python -m benchmarks.quality")
@@ -341,7 +334,7 @@ def main(argv=None) -> None:
       "recovery_scaling",
     ),
   )
-  parser.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
+  parser.add_argument("--lrs", type=common.floats, default=[1e-3, 3e-3, 1e-2])
   parser.add_argument(
     "--max-extra-lrs",
     type=int,
@@ -349,7 +342,7 @@ def main(argv=None) -> None:
     help="rates each optimizer's grid may grow by past an edge where its"
     " best rate lies (0: the grid as given)",
   )
-  parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+  parser.add_argument("--seeds", type=common.ints, default=[0, 1, 2])
   parser.add_argument(
     "--optimizers",
     type=lambda x: x.split(","),
@@ -357,7 +350,7 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--results-name", default="quality")
   parser.add_argument("--ablation", action="store_true")
-  parser.add_argument("--ablation-seeds", type=_ints, default=[0])
+  parser.add_argument("--ablation-seeds", type=common.ints, default=[0])
   parser.set_defaults(out_dir="runs/quality")
   args = parser.parse_args(argv)
   cfg = config_lib.config_from_args(parser, args)

@@ -1,27 +1,33 @@
-"""GrassWalk's step size: a sweep of the geodesic rotation angle.
+"""GrassWalk's step size: a sweep of the geodesic rotation angle over seeds.
 
-    python -m benchmarks.walk_angle
+    python -m benchmarks.walk_angle --lr 0.01
     python -m benchmarks.walk_angle --angles 0.05,0.2,1.0 --steps 2000
 
 ``grassjax.subspace.random_walk`` normalizes the tangent, so ``step_size`` is
-the angle (radians) by which one direction of each subspace rotates per update.
-This script trains the LLaMA example with GrassWalk at several angles (same
-data, seed and budget; any trainer flag applies) and reports the final
-validation loss of each; ``pi / 2`` rotates a direction fully out of the old
-subspace, close to a jump. ``grassjax.subspace.DEFAULT_WALK_ANGLE`` was chosen
-from this sweep (see ``benchmarks/results/walk_angle-<platform>.md``).
+the angle (radians) by which one direction of each subspace rotates per update;
+``pi / 2`` rotates a direction fully out of the old subspace, close to a jump.
+This script trains the LLaMA example with GrassWalk at each angle of
+``--angles`` and seed of ``--seeds`` (same data and budget; any trainer flag
+applies, ``--lr`` best set to GrassWalk's tuned rate from
+``benchmarks.quality``) and reports each angle's mean and standard deviation
+of the final eval loss, and whether its gap to the default angle exceeds the
+seed noise. ``grassjax.subspace.DEFAULT_WALK_ANGLE`` was chosen from this sweep
+(see ``benchmarks/results/walk_angle-<platform>.md``). Runs are kept under
+``--out-dir/angle-<angle>/`` and reused, as ``benchmarks.quality`` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 
 from benchmarks import common
+from benchmarks import quality as quality_lib
 from examples.llama import config as config_lib
-from examples.llama import train as train_lib
 from examples.llama.errors import reports_user_errors
+from grassjax.subspace import DEFAULT_WALK_ANGLE
 
 ANGLES = (0.05, 0.1, 0.2, 0.5, 1.0, math.pi / 2)
 
@@ -30,46 +36,63 @@ ANGLES = (0.05, 0.1, 0.2, 0.5, 1.0, math.pi / 2)
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
     "python -m benchmarks.walk_angle",
-    "Train with GrassWalk at several rotation angles.",
+    "Train with GrassWalk at several rotation angles and seeds.",
     exclude=(
       "optimizer",
       "step_size",
+      "seed",
       "checkpoint_dir",
       "checkpoint_every",
       "resume",
     ),
   )
-  parser.add_argument("--angles", default=",".join(f"{a:.4g}" for a in ANGLES))
+  parser.add_argument("--angles", type=common.floats, default=list(ANGLES))
+  parser.add_argument("--seeds", type=common.ints, default=[0, 1, 2])
   parser.set_defaults(out_dir="runs/walk_angle")
   args = parser.parse_args(argv)
-  cfg = config_lib.config_from_args(parser, args).with_optimizer("grasswalk")
+  cfg = config_lib.config_from_args(parser, args)
+  angles = sorted({*args.angles, DEFAULT_WALK_ANGLE})
+  losses = {}
   records = []
-  for angle in (float(a) for a in args.angles.split(",")):
-    run_cfg = dataclasses.replace(
-      cfg,
-      step_size=angle,
-      out_dir=str(Path(cfg.out_dir) / f"angle-{angle:.4g}"),
+  for angle in angles:
+    runs = [
+      quality_lib.run(
+        dataclasses.replace(cfg, step_size=angle),
+        "grasswalk",
+        cfg.lr,
+        seed,
+        Path(cfg.out_dir) / f"angle-{angle:.4g}",
+      )
+      for seed in args.seeds
+    ]
+    records += [{"angle": angle, **r} for r in runs]
+    losses[angle] = [r["final_eval_loss"] for r in runs]
+
+  default = losses[DEFAULT_WALK_ANGLE]
+  rows = [
+    (
+      f"{angle:.4g}" + (" (default)" if angle == DEFAULT_WALK_ANGLE else ""),
+      quality_lib.mean_std(losses[angle]),
+      f"{statistics.mean(losses[angle]) - statistics.mean(default):+.4f}",
+      quality_lib.beyond_noise(losses[angle], default),
     )
-    summary = train_lib.train(run_cfg).summary
-    records.append(
-      {
-        "angle": angle,
-        "final_eval_loss": summary["final_eval_loss"],
-        "final_train_loss": summary["final_train_loss"],
-      }
-    )
-    print(f"angle {angle:.4g}: eval loss {summary['final_eval_loss']:.4f}")
-  best = min(records, key=lambda r: r["final_eval_loss"])
-  budget = common.run_budget(cfg)
-  tables = f"Budget: {budget}.\n\n" + common.markdown_table(
-    ("angle (rad)", "final eval loss", "final train loss"),
-    [
-      (r["angle"], r["final_eval_loss"], r["final_train_loss"]) for r in records
-    ],
+    for angle in angles
+  ]
+  best = min(angles, key=lambda a: statistics.mean(losses[a]))
+  budget = common.run_budget(cfg).rsplit(", seed", 1)[0]
+  text = f"Budget: {budget}; seeds {args.seeds}.\n\n" + common.markdown_table(
+    (
+      "angle (rad)",
+      "final eval loss, mean ± std",
+      "vs default",
+      "beyond seed noise",
+    ),
+    rows,
   )
-  tables += f"\nLowest eval loss at angle {best['angle']:.4g}.\n"
-  path = common.write_results("walk_angle", {"budget": budget}, records, tables)
-  print(f"\n{tables}\nwrote {path}")
+  text += f"\nLowest mean eval loss at angle {best:.4g}.\n"
+  meta = {"budget": budget, "seeds": args.seeds, "best_angle": best}
+  path = common.write_results("walk_angle", meta, records, text)
+  print(f"\n{text}\nwrote {path}")
 
 
 if __name__ == "__main__":
