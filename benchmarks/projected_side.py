@@ -10,19 +10,23 @@ papers' choice); of the longer side, ``r x m`` moments and a larger basis (as
 1. **State bytes** of each low-rank preset at the papers' ranks for 60m, 1b
    and 7b, on each side (shapes only, nothing allocated).
 2. **Energy kept and loss**: the LLaMA example's trainer (``tiny`` and its
-   defaults unless flags say otherwise) for each low-rank preset on each side:
+   defaults unless flags say otherwise) for each low-rank preset on each side,
+   at the preset's best learning rate in ``benchmarks.quality``'s results and
+   for the seeds of ``--seeds``:
    the final energy fraction ``R = ||S^T G|| / ||G||`` by layer type (the
    trainer's own metric, on the last step's gradient) and the final eval
    loss. A random basis keeps about ``r / m`` of the energy of a gradient with
    no preferred direction, so the side matters most for the random rules.
 
 Writes ``benchmarks/results/projected_side-<platform>.{json,md}``; runs are
-kept under ``--out-dir/<side>/`` and reused, as ``benchmarks.quality`` does.
+kept under ``--out-dir/longer/`` and reused, as ``benchmarks.quality`` does;
+the shorter side (the default) reuses ``benchmarks.quality``'s runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -68,14 +72,28 @@ def state_records(models=("60m", "1b", "7b")) -> list[dict]:
   return records
 
 
-def run_records(cfg: config_lib.TrainConfig, out_dir: Path) -> list[dict]:
-  """One trainer run per low-rank preset and side."""
+def run_records(
+  cfg: config_lib.TrainConfig,
+  out_dir: Path,
+  quality_dir: Path,
+  lrs: dict[str, float],
+  seeds: list[int],
+) -> list[dict]:
+  """Trainer runs of each low-rank preset on each side, at the learning rate
+  ``lrs`` gives it (``cfg.lr`` where absent).
+
+  The shorter side is every preset's default, so those runs are
+  ``benchmarks.quality``'s and are reused from ``quality_dir``.
+  """
   records = []
   for side in SIDES:
     side_cfg = dataclasses.replace(cfg, projected_side=side)
+    runs_dir = quality_dir if side == "shorter" else out_dir / side
     for name in grassjax.OPTIMIZERS:
-      record = quality_lib.run(side_cfg, name, cfg.lr, cfg.seed, out_dir / side)
-      records.append({"table": "runs", "projected_side": side, **record})
+      for seed in seeds:
+        lr = lrs.get(name, cfg.lr)
+        record = quality_lib.run(side_cfg, name, lr, seed, runs_dir)
+        records.append({"table": "runs", "projected_side": side, **record})
   return records
 
 
@@ -96,6 +114,8 @@ def _tables(states: list[dict], runs: list[dict]) -> str:
     (
       r["optimizer"],
       r["projected_side"],
+      f"{r['lr']:g}",
+      r["seed"],
       *(f"{r['final_energy_fraction'][k]:.3f}" for k in kinds),
       f"{r['final_eval_loss']:.4f}",
       f"{r['optimizer_state_bytes'] / 2**20:.2f}",
@@ -113,6 +133,8 @@ def _tables(states: list[dict], runs: list[dict]) -> str:
       (
         "optimizer",
         "side",
+        "lr",
+        "seed",
         *(k.removeprefix("energy_") + " R" for k in kinds),
         "final eval loss",
         "state (MiB)",
@@ -137,14 +159,41 @@ def main(argv=None) -> None:
       "recovery_scaling",
     ),
   )
+  parser.add_argument("--seeds", type=common.ints, default=[0])
+  parser.add_argument(
+    "--quality-results",
+    default="benchmarks/results/quality-cpu.json",
+    help="benchmarks.quality's results: each preset runs at its best"
+    " learning rate there (--lr where the file or the preset is missing)",
+  )
+  parser.add_argument(
+    "--quality-dir",
+    default="runs/quality",
+    help="benchmarks.quality's runs, reused for the shorter side",
+  )
   parser.set_defaults(out_dir="runs/projected_side")
-  cfg = config_lib.config_from_args(parser, parser.parse_args(argv))
+  args = parser.parse_args(argv)
+  cfg = config_lib.config_from_args(parser, args)
+  results = Path(args.quality_results)
+  lrs = (
+    json.loads(results.read_text())["meta"]["best_lr"]
+    if results.exists()
+    else {}
+  )
   states = state_records()
-  runs = run_records(cfg, Path(cfg.out_dir))
-  text = f"Runs: {common.run_budget(cfg)}.\n\n" + _tables(states, runs) + "\n"
+  runs = run_records(
+    cfg, Path(cfg.out_dir), Path(args.quality_dir), lrs, args.seeds
+  )
+  budget = common.run_budget(cfg).rsplit(", lr", 1)[0]
+  text = (
+    f"Runs: {budget}; each preset at its best learning rate of"
+    f" benchmarks.quality.\n\n" + _tables(states, runs) + "\n"
+  )
   meta = {
     "command": "python -m benchmarks.projected_side",
-    "budget": common.run_budget(cfg),
+    "budget": budget,
+    "lrs": {name: lrs.get(name, cfg.lr) for name in grassjax.OPTIMIZERS},
+    "seeds": args.seeds,
   }
   path = common.write_results("projected_side", meta, states + runs, text)
   print(f"\n{text}wrote {path} and {path.with_suffix('.md')}")

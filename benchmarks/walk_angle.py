@@ -13,7 +13,9 @@ applies, ``--lr`` best set to GrassWalk's tuned rate from
 of the final eval loss, and whether its gap to the default angle exceeds the
 seed noise. ``grassjax.subspace.DEFAULT_WALK_ANGLE`` was chosen from this sweep
 (see ``benchmarks/results/walk_angle-<platform>.md``). Runs are kept under
-``--out-dir/angle-<angle>/`` and reused, as ``benchmarks.quality`` does.
+``--out-dir/angle-<angle>/`` and reused, as ``benchmarks.quality`` does; the
+default angle's runs are ``benchmarks.quality``'s, reused from
+``--quality-dir``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--angles", type=common.floats, default=list(ANGLES))
   parser.add_argument("--seeds", type=common.ints, default=[0, 1, 2])
+  parser.add_argument(
+    "--quality-dir",
+    default="runs/quality",
+    help="benchmarks.quality's runs, whose GrassWalk runs at the default"
+    " angle are reused",
+  )
   parser.set_defaults(out_dir="runs/walk_angle")
   args = parser.parse_args(argv)
   cfg = config_lib.config_from_args(parser, args)
@@ -55,14 +63,19 @@ def main(argv=None) -> None:
   losses = {}
   records = []
   for angle in angles:
+    # The default angle's runs are benchmarks.quality's GrassWalk runs (the
+    # same configuration), reused from --quality-dir when there.
+    is_default = angle == DEFAULT_WALK_ANGLE
+    angle_cfg = dataclasses.replace(
+      cfg, step_size=None if is_default else angle
+    )
+    runs_dir = (
+      Path(args.quality_dir)
+      if is_default
+      else Path(cfg.out_dir) / f"angle-{angle:.4g}"
+    )
     runs = [
-      quality_lib.run(
-        dataclasses.replace(cfg, step_size=angle),
-        "grasswalk",
-        cfg.lr,
-        seed,
-        Path(cfg.out_dir) / f"angle-{angle:.4g}",
-      )
+      quality_lib.run(angle_cfg, "grasswalk", cfg.lr, seed, runs_dir)
       for seed in args.seeds
     ]
     records += [{"angle": angle, **r} for r in runs]
