@@ -62,13 +62,13 @@ PAPER_RANKS = {
 }
 # The whole training step's setups: model, batch (sequences, tokens) and timed
 # interval. The example's defaults for tiny; for 60m a batch a CPU steps
-# through in well under a second and one of 4096 tokens, to show how the
+# through in well under a second and one of 2048 tokens, to show how the
 # optimizer's share falls as the batch grows; short intervals, so that every
 # round holds an update step. All are amortized over --update-interval.
 TRAIN_SETUPS = (
   ("tiny", 16, 128, 25),
   ("60m", 4, 128, 10),
-  ("60m", 16, 256, 10),
+  ("60m", 8, 256, 10),
 )
 
 
