@@ -211,8 +211,8 @@ def matrix_optimizers(rank: int, update_interval: int) -> dict[str, Any]:
   """AdamW, optax.contrib.galore and grassjax's optimizers on bare matrices.
 
   Same rank, interval, scale and weight decay for all; every matrix is
-  projected (the default mask). ``galore, longer side`` projects as the peer
-  does (moments ``r x min(m, n)``).
+  projected (the default mask). ``galore, longer side`` and ``grasswalk,
+  longer side`` project as the peer does (moments ``r x min(m, n)``).
   """
   shared = dict(rank=rank, update_interval=update_interval, weight_decay=0.01)
   optimizers = {
@@ -228,8 +228,13 @@ def matrix_optimizers(rank: int, update_interval: int) -> dict[str, Any]:
   for name, info in grassjax.OPTIMIZERS.items():
     key = jax.random.key(0) if info.needs_key else None
     optimizers[name] = info.constructor(1e-3, key=key, **shared)
+  # On the peer's side, the keep step does the peer's work (plus recovery
+  # scaling for GrassWalk): what is left of the gap is the implementation's.
   optimizers["galore, longer side"] = grassjax.galore(
     1e-3, projected_side="longer", **shared
+  )
+  optimizers["grasswalk, longer side"] = grassjax.grasswalk(
+    1e-3, key=jax.random.key(0), projected_side="longer", **shared
   )
   return optimizers
 
