@@ -79,8 +79,8 @@ def run_records(
   lrs: dict[str, float],
   seeds: list[int],
 ) -> list[dict]:
-  """Trainer runs of each low-rank preset on each side, at the learning rate
-  ``lrs`` gives it (``cfg.lr`` where absent).
+  """Trainer runs of each low-rank preset on each side, at its learning rate
+  of ``lrs``.
 
   The shorter side is every preset's default, so those runs are
   ``benchmarks.quality``'s and are reused from ``quality_dir``.
@@ -91,8 +91,7 @@ def run_records(
     runs_dir = quality_dir if side == "shorter" else out_dir / side
     for name in grassjax.OPTIMIZERS:
       for seed in seeds:
-        lr = lrs.get(name, cfg.lr)
-        record = quality_lib.run(side_cfg, name, lr, seed, runs_dir)
+        record = quality_lib.run(side_cfg, name, lrs[name], seed, runs_dir)
         records.append({"table": "runs", "projected_side": side, **record})
   return records
 
@@ -175,11 +174,12 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   cfg = config_lib.config_from_args(parser, args)
   results = Path(args.quality_results)
-  lrs = (
+  best = (
     json.loads(results.read_text())["meta"]["best_lr"]
     if results.exists()
     else {}
   )
+  lrs = {name: best.get(name, cfg.lr) for name in grassjax.OPTIMIZERS}
   states = state_records()
   runs = run_records(
     cfg, Path(cfg.out_dir), Path(args.quality_dir), lrs, args.seeds
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
   meta = {
     "command": "python -m benchmarks.projected_side",
     "budget": budget,
-    "lrs": {name: lrs.get(name, cfg.lr) for name in grassjax.OPTIMIZERS},
+    "lrs": lrs,
     "seeds": args.seeds,
   }
   path = common.write_results("projected_side", meta, states + runs, text)

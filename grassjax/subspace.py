@@ -240,7 +240,7 @@ def _svd_basis(
   del key
   if grad.shape[0] < grad.shape[1]:
     # The left singular vectors of G are the right ones of the tall G^T,
-    # whose SVD is about a quarter faster on XLA:CPU (benchmarks/speed.py).
+    # whose SVD takes about a fifth less time on XLA:CPU (benchmarks/speed.py).
     _, _, vh = jnp.linalg.svd(grad.T, full_matrices=False)
     return vh[:rank].T
   u, _, _ = jnp.linalg.svd(grad, full_matrices=False)
