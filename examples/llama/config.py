@@ -23,6 +23,7 @@ import optax
 
 import grassjax
 from examples.llama import model as model_lib
+from examples.llama import targets as targets_lib
 from examples.llama.errors import UserError
 
 DEFAULT_DATA_DIR = str(Path(__file__).absolute().parent / "data")
@@ -162,6 +163,14 @@ class TrainConfig:
     "compile the training step from abstract shapes, print its memory and exit"
     " (allocates nothing, reads no data)",
   )
+  target: str = _flag(
+    "cpu",
+    "with --dry-run: the device to compile for, ahead of time on this machine:"
+    " cpu (this machine), a GPU (gpu-h100-80gb, gpu-h200, gpu-a100-40gb,"
+    " gpu-a100-80gb, gpu-l4, gpu-rtx4090; the CUDA plugin's deviceless"
+    " compiler) or a TPU chip (tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e; libtpu),"
+    " with :COUNT devices or a TPU slice shape (tpu-v5e:4x4)",
+  )
   distributed: bool = _flag(
     False,
     "join a multi-process run (jax.distributed) first: from"
@@ -262,6 +271,16 @@ class TrainConfig:
         "--step-size applies to grasswalk and subtrack_pp, not"
         f" {self.optimizer}."
       )
+    if self.target != "cpu":
+      if not self.dry_run:
+        raise ValueError(
+          f"--target {self.target} compiles for another device: it needs"
+          " --dry-run."
+        )
+      try:
+        targets_lib.parse_target(self.target)
+      except UserError as err:
+        raise ValueError(str(err)) from None
     if self.resume and self.checkpoint_dir is None:
       raise ValueError("--resume needs --checkpoint-dir.")
     self._check_processes()

@@ -22,6 +22,7 @@ its own axes is largest.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -32,12 +33,14 @@ from examples.llama import config as config_lib
 from examples.llama.errors import UserError
 
 
-def make_mesh(kind: str) -> Mesh:
+def make_mesh(kind: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of ``--mesh``: a one-device mesh for ``none``, all devices
   otherwise.
 
   Args:
     kind: ``"none"``, ``"dp"`` or ``"fsdp"``.
+    devices: the devices to span; default ``jax.devices()``. A compile-only
+      step (``--dry-run --target``) passes an accelerator's topology.
 
   Returns:
     A one-axis mesh, its axis named ``"data"`` (none, dp) or ``"fsdp"``.
@@ -45,15 +48,17 @@ def make_mesh(kind: str) -> Mesh:
   Raises:
     UserError: ``none`` in a multi-process run.
   """
-  if kind == "none":
-    if jax.process_count() > 1:
+  if devices is None:
+    if kind == "none" and jax.process_count() > 1:
       raise UserError(
         "--mesh none trains on one device, and this run has"
         f" {jax.process_count()}"
         " processes: a multi-process run needs --mesh dp or fsdp."
       )
-    return Mesh(np.array(jax.devices()[:1]), ("data",))
-  return Mesh(np.array(jax.devices()), ("fsdp" if kind == "fsdp" else "data",))
+    devices = jax.devices()
+  if kind == "none":
+    return Mesh(np.array(devices[:1]), ("data",))
+  return Mesh(np.array(devices), ("fsdp" if kind == "fsdp" else "data",))
 
 
 _CPU_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"

@@ -46,6 +46,7 @@ from examples.llama import metrics as metrics_lib
 from examples.llama import model as model_lib
 from examples.llama import report
 from examples.llama import sharding as sharding_lib
+from examples.llama import targets as targets_lib
 from examples.llama.errors import (
   UserError,
   check_writable_directory,
@@ -271,6 +272,8 @@ def train(
 def main(argv: Sequence[str] | None = None) -> None:
   """Runs ``python -m examples.llama.train``."""
   cfg = config_lib.parse_args(argv)
+  if cfg.target != "cpu":
+    targets_lib.compile_only()
   if cfg.distributed:
     sharding_lib.start_distributed(cfg)
   if cfg.dry_run:
