@@ -98,19 +98,29 @@ def run_budget(cfg) -> str:
   )
 
 
+def results_path(name: str, platform: str | None = None) -> Path:
+  """``results/<name>-<platform>.json``; the platform defaults to JAX's."""
+  return RESULTS_DIR / f"{name}-{platform or jax.devices()[0].platform}.json"
+
+
 def write_results(
-  name: str, meta: dict[str, Any], records: list[dict[str, Any]], tables: str
+  name: str,
+  meta: dict[str, Any],
+  records: list[dict[str, Any]],
+  tables: str,
+  platform: str | None = None,
 ) -> Path:
   """Writes ``results/<name>-<platform>.json`` and ``.md``; returns the JSON
   path.
 
-  The platform (cpu, gpu, tpu) is part of the name so that runs on different
-  devices sit side by side; the markdown starts with the stamp, so a table is
-  never read without knowing where it was measured.
+  The platform (cpu, gpu, tpu; or a compile target such as
+  ``gpu-h100-80gb``) is part of the name so that runs on different devices
+  sit side by side; the markdown starts with the stamp, so a table is never
+  read without knowing where it was measured.
   """
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   info = {**stamp(), **meta}
-  name = f"{name}-{jax.devices()[0].platform}"
+  name = results_path(name, platform).stem
   path = RESULTS_DIR / f"{name}.json"
   path.write_text(
     json.dumps({"meta": info, "records": records}, indent=2) + "\n"

@@ -29,7 +29,11 @@ Results go to ``benchmarks/results/memory-<platform>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -43,10 +47,12 @@ from benchmarks.speed import OPTIMIZERS, PAPER_RANKS, make_optimizer
 from examples.llama import config as config_lib
 from examples.llama import memory as memory_lib
 from examples.llama import model as model_lib
+from examples.llama import targets as targets_lib
 from grassjax import diagnostics
 
 MODELS = ("60m", "130m", "350m", "1b", "7b")
 F32 = 4
+GiB = 2**30
 
 
 def minimum_state_bytes(params, name: str, rank: int) -> int:
@@ -194,51 +200,134 @@ def peer_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), peer)
 
 
-def scale_table(models) -> list[dict]:
-  """Compiled peak of the whole step at scale: each optimizer in each mode.
+def scale_runs(models, optimizers=None, modes=None):
+  """The scale table's rows: ``(model, mode, optimizer)``.
 
-  ``--remat --dtype bfloat16``, batch 4 x 256, the papers' ranks, vocabulary
-  32000; modes: unscanned layers, scanned (plain: float32 weights, global
-  clipping), fused (``--fused-update --clip per-layer``) and fused with
-  bfloat16 weights, moments and bases. The peer, ``optax.contrib.galore``,
-  runs where it can (the whole-model step). The same figures as ``python -m
-  examples.llama.train ... --dry-run``.
+  The peer runs where it can (the whole-model step), and the unscanned mode
+  is kept to AdamW, GaLore and the peer. ``optimizers`` and ``modes``
+  restrict the table (None: all).
   """
-  records = []
+  runs = []
   for model in models:
     for mode, flags in SCALE_MODES.items():
+      if modes is not None and mode not in modes:
+        continue
       fused = flags.get("fused_update", False)
       for name in ("adamw", *OPTIMIZERS, *(() if fused else (PEER,))):
         if mode == "unscanned" and name not in ("adamw", "galore", PEER):
           continue
-        settings = dict(SCALE_STEP, **flags)
-        if name in ("adamw", PEER):
-          settings.pop("moment_dtype", None)
-          settings.pop("basis_dtype", None)
-        cfg = config_lib.TrainConfig(
-          optimizer="galore" if name == PEER else name,
-          model=model,
-          rank=PAPER_RANKS[model],
-          **settings,
-        )
-        tx = peer_optimizer(cfg) if name == PEER else None
-        memory = memory_lib.step_memory(
-          cfg, config_lib.model_config(cfg, 32000), tx
-        )
-        fits = [size for size in (24, 40, 80) if memory["peak"] <= size * 2**30]
-        records.append(
-          {
-            "model": model,
-            "mode": mode,
-            "optimizer": name,
-            **memory,
-            "fits_gib": fits,
-          }
-        )
-        print(
-          f"scale {model:4s} {mode:13s} {name:20s} peak"
-          f" {memory['peak'] / 2**30:7.2f} GiB"
-        )
+        if optimizers is None or name in optimizers:
+          runs.append((model, mode, name))
+  return runs
+
+
+def scale_config(
+  model: str, mode: str, name: str, mesh: str = "none"
+) -> config_lib.TrainConfig:
+  """The trainer's configuration of one row of the scale table."""
+  settings = dict(SCALE_STEP, **SCALE_MODES[mode])
+  if name in ("adamw", PEER):
+    settings.pop("moment_dtype", None)
+    settings.pop("basis_dtype", None)
+  return config_lib.TrainConfig(
+    optimizer="galore" if name == PEER else name,
+    model=model,
+    rank=PAPER_RANKS[model],
+    mesh=mesh,
+    **settings,
+  )
+
+
+def scale_record(
+  model: str,
+  mode: str,
+  name: str,
+  target: targets_lib.Target,
+  mesh: str = "none",
+) -> dict:
+  """One row: the compiled peak of the step on ``target``, or the TPU
+  compiler's refusal (``refused``, with what it needed and had)."""
+  cfg = scale_config(model, mode, name, mesh)
+  tx = peer_optimizer(cfg) if name == PEER else None
+  record = {
+    "model": model,
+    "mode": mode,
+    "optimizer": name,
+    "target": target.name,
+    "mesh": mesh,
+    "devices": 1 if mesh == "none" else target.count,
+  }
+  started = time.perf_counter()
+  try:
+    memory = memory_lib.step_memory(
+      cfg, config_lib.model_config(cfg, 32000), tx, target
+    )
+  except targets_lib.CompileRefused as refused:
+    record.update(
+      refused=True,
+      needed_bytes=refused.needed_bytes,
+      available_bytes=refused.available_bytes,
+      peak=None,
+    )
+  else:
+    record.update(memory, refused=False)
+    if target.spec is None:
+      record["fits_gib"] = [
+        size for size in (24, 40, 80) if memory["peak"] <= size * GiB
+      ]
+  record["compile_seconds"] = round(time.perf_counter() - started, 1)
+  return record
+
+
+def _key(record: dict) -> tuple:
+  return (
+    record["model"],
+    record["mode"],
+    record["optimizer"],
+    record.get("target", "cpu"),
+    record.get("mesh", "none"),
+  )
+
+
+def scale_table(
+  runs,
+  target: targets_lib.Target,
+  mesh: str = "none",
+  done: Sequence[dict] = (),
+  save: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+  """Compiled peak of the whole step at scale: each run of
+  :func:`scale_runs`.
+
+  ``--remat --dtype bfloat16``, batch 4 x 256, the papers' ranks, vocabulary
+  32000; modes: unscanned layers, scanned (plain: float32 weights, global
+  clipping), fused (``--fused-update --clip per-layer``) and fused with
+  bfloat16 weights, moments and bases. The same figures as ``python -m
+  examples.llama.train ... --dry-run --target ...``. Rows in ``done`` (an
+  earlier run's records) are reused; ``save`` is called with the records so
+  far after each new row, so a long run that stops keeps what it compiled.
+  """
+  reuse = {_key(r): r for r in done}
+  records = []
+  for model, mode, name in runs:
+    key = (model, mode, name, target.name, mesh)
+    if key in reuse:
+      records.append(reuse[key])
+      continue
+    record = scale_record(model, mode, name, target, mesh)
+    records.append(record)
+    peak = (
+      f"refused (needs {record['needed_bytes'] / GiB:.2f} GiB)"
+      if record["refused"]
+      else f"{record['peak'] / GiB:7.2f} GiB"
+    )
+    print(
+      f"scale {target.name} {model:4s} {mode:13s} {name:20s} peak {peak}"
+      f" ({record['compile_seconds']} s to compile)",
+      flush=True,
+    )
+    if save is not None:
+      save(records)
   return records
 
 
@@ -278,6 +367,303 @@ def plot_scale(records: list[dict], path: Path) -> None:
   fig.savefig(path, dpi=120)
 
 
+SCALE_HEADER = (
+  "`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks, vocabulary"
+  " 32000; GiB per device. Modes: unscanned layers; scanned (`--scan-layers`,"
+  " float32 weights, global clipping); fused (`--fused-update --clip"
+  " per-layer`); fused with bfloat16 weights, moments and bases."
+  " optax.contrib.galore cannot project stacked (scanned) kernels and keeps"
+  " full Adam moments for them."
+)
+
+
+def fit_cell(record: dict, target: targets_lib.Target) -> str:
+  """The fit column: the CPU table's sizes, the TPU compiler's verdict, or a
+  GPU fit with the runtime's needs counted (:func:`targets.gpu_fit`)."""
+  if record["refused"]:
+    return (
+      f"refused: needs {record['needed_bytes'] / GiB:.2f} of"
+      f" {record['available_bytes'] / GiB:.2f} GiB"
+    )
+  if target.spec is None:
+    return ", ".join(f"{s} GiB" for s in record["fits_gib"]) or "none"
+  if target.platform == "tpu":
+    return "yes"
+  fit = targets_lib.gpu_fit(record["peak"], target.spec)
+  if not fit.fits:
+    return "no"
+  if fit.fits_default:
+    return f"yes ({fit.spare_bytes / GiB:.1f} GiB spare)"
+  return (
+    f"with fraction {fit.mem_fraction:.2f} ({fit.spare_bytes / GiB:.1f} GiB"
+    " spare)"
+  )
+
+
+def scale_markdown(
+  records: list[dict], target: targets_lib.Target, cpu: dict[tuple, dict]
+) -> str:
+  """The scale table of ``records``, with the CPU compiler's peak beside an
+  accelerator's."""
+  accelerator = target.spec is not None
+  columns = ["model", "mode", "optimizer"]
+  columns += ["params", "state", "temporaries", "peak"]
+  columns += ["CPU compiler's peak"] if accelerator else []
+  columns += ["fits", "compile (s)"]
+  rows = []
+  for r in records:
+    cpu_peak = cpu.get((r["model"], r["mode"], r["optimizer"]))
+    row = [r["model"], r["mode"], r["optimizer"]]
+    if r["refused"]:
+      row += ["", "", "", ""]
+    else:
+      row += [
+        r[k] / GiB
+        for k in ("parameters", "optimizer_state", "temporaries", "peak")
+      ]
+    if accelerator:
+      row.append("" if cpu_peak is None else cpu_peak["peak"] / GiB)
+    row += [fit_cell(r, target), r["compile_seconds"]]
+    rows.append(row)
+  return common.markdown_table(columns, rows)
+
+
+def _cpu_scale_records() -> dict[tuple, dict]:
+  """The committed CPU scale table, by (model, mode, optimizer)."""
+  path = common.results_path("memory", "cpu")
+  if not path.exists():
+    return {}
+  return {
+    (r["model"], r["mode"], r["optimizer"]): r
+    for r in json.loads(path.read_text())["records"]
+    if "mode" in r and r.get("target", "cpu") == "cpu"
+  }
+
+
+def _earlier(name: str, platform: str) -> list[dict]:
+  """The records of an earlier run of the same results file, compiled with
+  this jax version (a newer compiler may assign buffers differently)."""
+  path = common.results_path(name, platform)
+  if not path.exists():
+    return []
+  results = json.loads(path.read_text())
+  if results["meta"].get("jax_version") != jax.__version__:
+    return []
+  return results["records"]
+
+
+def target_main(args, target: targets_lib.Target) -> None:
+  """``--target``: the scale table from an accelerator's compiler."""
+  runs = scale_runs(
+    [m for m in args.scale_models.split(",") if m],
+    args.optimizers and args.optimizers.split(","),
+    args.modes and args.modes.split(","),
+  )
+  name = "memory" if args.mesh == "none" else f"memory-{args.mesh}"
+  meta = {
+    "target": target.name,
+    "target_device": target.describe(),
+    "compiled_on": "this machine, ahead of time (no device attached)",
+    "mesh": args.mesh,
+    "command": "python -m benchmarks.memory " + " ".join(args.argv),
+  }
+  cpu = _cpu_scale_records()
+
+  def save(records: list[dict]) -> Path:
+    compiler = f"{target.platform.upper()} compiler"
+    text = (
+      f"## Peak memory of the whole training step at scale ({compiler},"
+      f" compile-only, for {target.describe()})\n\n"
+      + SCALE_HEADER
+      + " The CPU compiler's peak (memory-optimized schedule) is"
+      " benchmarks/results/memory-cpu.md's. "
+      + FIT_NOTE[target.platform]
+      + "\n\n"
+      + scale_markdown(records, target, cpu)
+    )
+    return common.write_results(name, meta, records, text, target.name)
+
+  done = _earlier(name, target.name)
+  records = scale_table(runs, target, args.mesh, done, save)
+  # Keep the earlier rows this run did not ask for.
+  asked = {_key(r) for r in records}
+  records += [r for r in done if _key(r) not in asked]
+  print(f"\nwrote {save(records)}")
+
+
+FIT_NOTE = {
+  "gpu": (
+    "A GPU fit counts about"
+    f" {targets_lib.CUDA_RUNTIME_RESERVE / GiB:g} GiB for the CUDA context"
+    " and libraries, outside XLA's buffers: 'yes' fits JAX's default"
+    " preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION=0.75); 'with fraction f'"
+    " needs that variable set to f; spare is what is left beyond the step and"
+    " the runtime."
+  ),
+  "tpu": (
+    "The TPU compiler checks each program against the chip's HBM and refuses"
+    " one that does not fit."
+  ),
+}
+
+
+# GPUs from the smallest memory up, for "what fits where"; TPU v5e slices.
+GPU_LADDER = (
+  "gpu-l4",
+  "gpu-rtx4090",
+  "gpu-a100-40gb",
+  "gpu-a100-80gb",
+  "gpu-h100-80gb",
+  "gpu-h200",
+)
+V5E_SLICES = ("tpu-v5e", "tpu-v5e:4", "tpu-v5e:8", "tpu-v5e:16", "tpu-v5e:32")
+FITS_OPTIMIZERS = ("adamw", *OPTIMIZERS, PEER)
+
+
+def _fits(record: dict, target: targets_lib.Target) -> bool:
+  if record["refused"]:
+    return False
+  if target.platform == "tpu":
+    return True
+  return targets_lib.gpu_fit(record["peak"], target.spec).fits
+
+
+def smallest_fit(
+  model: str,
+  name: str,
+  mode: str,
+  ladder: Sequence[str],
+  mesh: str,
+  done: dict[tuple, dict],
+  save: Callable[[dict], None],
+) -> list[dict]:
+  """Compiles the step for each target of ``ladder`` in turn until one fits;
+  returns the records compiled (or reused from ``done``)."""
+  records = []
+  for name_ in ladder:
+    target = targets_lib.parse_target(name_)
+    layout = "none" if target.count == 1 else mesh
+    key = (model, mode, name, target.name, layout)
+    record = done.get(key) or scale_record(model, mode, name, target, layout)
+    if key not in done:
+      save(record)
+      print(
+        f"fits {model} {name:20s} {mode:13s} {target.name:14s}"
+        f" {fit_cell(record, target)} ({record['compile_seconds']} s)",
+        flush=True,
+      )
+    records.append(record)
+    if _fits(record, target):
+      break
+  return records
+
+
+def fits_main(args) -> None:
+  """``--fits``: the smallest GPU of :data:`GPU_LADDER` on which each
+  optimizer's 1b and 7b steps fit, and the smallest v5e slice (fsdp).
+
+  Each optimizer runs in its lowest-memory mode of the H100 table
+  (``memory-gpu-h100-80gb``), which must exist.
+  """
+  h100 = _earlier("memory", "gpu-h100-80gb")
+  if not h100:
+    sys.exit("run python -m benchmarks.memory --target gpu-h100-80gb first")
+  best = {}
+  for r in h100:
+    if not r["refused"]:
+      key = (r["model"], r["optimizer"])
+      if key not in best or r["peak"] < best[key]["peak"]:
+        best[key] = r
+  path = common.results_path("memory-fits", "accelerators")
+  done = {_key(r): r for r in _earlier("memory-fits", "accelerators")}
+  meta = {
+    "command": "python -m benchmarks.memory --fits " + " ".join(args.argv),
+    "compiled_on": "this machine, ahead of time (no device attached)",
+  }
+
+  def save(record: dict | None = None) -> None:
+    if record is not None:
+      done[_key(record)] = record
+    records = list(done.values())
+    common.write_results(
+      "memory-fits",
+      meta,
+      records,
+      fits_markdown(records, best),
+      platform="accelerators",
+    )
+
+  ladders = {"gpu": (GPU_LADDER, "none"), "tpu-v5e": (V5E_SLICES, "fsdp")}
+  names = args.optimizers.split(",") if args.optimizers else FITS_OPTIMIZERS
+  for model in args.scale_models.split(","):
+    for kind in args.fits.split(","):
+      ladder, mesh = ladders[kind]
+      for name in names:
+        mode = best[(model, name)]["mode"]
+        smallest_fit(model, name, mode, ladder, mesh, done, save)
+  save()
+  print(f"\nwrote {path}")
+
+
+def _fit_of(record: dict) -> str:
+  return fit_cell(record, targets_lib.parse_target(record["target"]))
+
+
+def fits_markdown(records: list[dict], best: dict) -> str:
+  """One row per model, optimizer and family: where the step first fits."""
+  rows = []
+  families = {"gpu": GPU_LADDER, "TPU v5e (fsdp)": V5E_SLICES}
+  for (model, name), row in sorted(best.items()):
+    for family, ladder in families.items():
+      tried = [
+        r
+        for t in ladder
+        for r in records
+        if (r["model"], r["optimizer"], r["target"]) == (model, name, t)
+        and r["mode"] == row["mode"]
+      ]
+      if not tried:
+        continue
+      last = tried[-1]
+      target = targets_lib.parse_target(last["target"])
+      fitted = _fits(last, target)
+      rows.append(
+        (
+          model,
+          name,
+          row["mode"],
+          family,
+          target.describe() if fitted else f"none up to {target.describe()}",
+          "" if last["refused"] else last["peak"] / GiB,
+          fit_cell(last, target),
+          "; ".join(f"{r['target']}: {_fit_of(r)}" for r in tried[:-1]),
+        )
+      )
+  return (
+    "## What fits where (compiled for each device, ahead of time)\n\n"
+    "Each optimizer in its lowest-memory mode of the H100 table, compiled"
+    " for each GPU from the smallest memory up until it fits (the GPU"
+    " compiler plans for the device's memory, so each is compiled for), and"
+    " for v5e slices from one chip up with `--mesh fsdp` until the TPU"
+    " compiler accepts it. "
+    + FIT_NOTE["gpu"]
+    + "\n\n"
+    + common.markdown_table(
+      (
+        "model",
+        "optimizer",
+        "mode",
+        "devices",
+        "smallest that fits",
+        "peak per device (GiB)",
+        "fit",
+        "smaller ones tried",
+      ),
+      rows,
+    )
+  )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default=",".join(MODELS))
@@ -285,46 +671,56 @@ def main(argv=None) -> None:
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--seq-len", type=int, default=256)
   parser.add_argument("--scale-models", default="350m,1b,7b")
+  parser.add_argument(
+    "--target",
+    default="cpu",
+    help="compile the scale table for this device (see examples.llama.train"
+    " --help); results go to memory-<target>",
+  )
+  parser.add_argument("--mesh", default="none", choices=("none", "dp", "fsdp"))
+  parser.add_argument(
+    "--optimizers", default=None, help="comma-separated; default: all"
+  )
+  parser.add_argument(
+    "--modes",
+    default=None,
+    help=f"comma-separated, of {', '.join(SCALE_MODES)}; default: all",
+  )
+  parser.add_argument(
+    "--fits",
+    default=None,
+    help="'gpu', 'tpu-v5e' or both (comma-separated): the smallest GPU, or"
+    " v5e slice, on which each optimizer's step fits",
+  )
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
+  args.argv = argv
+  if args.fits:
+    targets_lib.compile_only()
+    if args.scale_models == "350m,1b,7b":
+      args.scale_models = "1b,7b"
+    fits_main(args)
+    return
+  target = targets_lib.parse_target(args.target)
+  if target.spec is not None:
+    targets_lib.compile_only()
+    if args.scale_models == "350m,1b,7b":
+      args.scale_models = "1b,7b"
+    target_main(args, target)
+    return
   models = [m for m in args.models.split(",") if m]
 
   states = state_bytes_table(models)
   peaks = peak_step_memory(args.peak_model, args.batch_size, args.seq_len)
-  scale = scale_table([m for m in args.scale_models.split(",") if m])
+  scale = scale_table(
+    scale_runs([m for m in args.scale_models.split(",") if m]), target
+  )
   tables = (
     "## Peak memory of the whole training step at scale (compile-only, CPU"
     " compiler, memory-optimized schedule)\n\n"
-    "`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks,"
-    " vocabulary 32000; GiB per device. Modes: unscanned layers; scanned"
-    " (`--scan-layers`, float32 weights, global clipping); fused"
-    " (`--fused-update --clip per-layer`); fused with bfloat16 weights, moments"
-    " and bases. optax.contrib.galore cannot project stacked (scanned) kernels"
-    " and keeps full Adam moments for them.\n\n"
-    + common.markdown_table(
-      (
-        "model",
-        "mode",
-        "optimizer",
-        "params",
-        "state",
-        "temporaries",
-        "peak",
-        "fits",
-      ),
-      [
-        (
-          r["model"],
-          r["mode"],
-          r["optimizer"],
-          r["parameters"] / 2**30,
-          r["optimizer_state"] / 2**30,
-          r["temporaries"] / 2**30,
-          r["peak"] / 2**30,
-          ", ".join(f"{s} GiB" for s in r["fits_gib"]) or "none",
-        )
-        for r in scale
-      ],
-    )
+    + SCALE_HEADER
+    + "\n\n"
+    + scale_markdown(scale, target, {})
     + "\n"
     "## Optimizer-state bytes (papers' ranks: 60m 128, 130m/350m 256, 1b 512,"
     " 7b 1024)\n\n"

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import grassjax
+from benchmarks import cost
 from examples.llama import config as config_lib
 from examples.llama import memory as memory_lib
 from examples.llama import sharding as sharding_lib
@@ -265,3 +266,20 @@ def test_the_tpu_compilers_refusal_is_read_as_a_result():
   assert refused.needed_bytes == int(24.96 * 2**30)
   assert refused.available_bytes == int(15.75 * 2**30)
   assert targets_lib.refusal(RuntimeError("INTERNAL: something else")) is None
+
+
+def test_the_bytes_of_adamw_are_its_minimum(target):
+  """AdamW's step reads the weight, gradient and two moments and writes three:
+  28 bytes per float32 parameter, as benchmarks/cost.py counts them from the
+  GPU compiler's optimized HLO (the TPU compiler's own count agrees)."""
+  # A multiple of the TPU's (8, 128) tiles, which pad other shapes.
+  params = {"w": jax.ShapeDtypeStruct((64, 256), jnp.float32)}
+  tx = optax.adamw(1e-3, weight_decay=0.01)
+  compiled, state = cost.compile_step(tx, params, 1, target)
+  n = 64 * 256
+  if target.platform == "tpu":
+    counted = compiled.cost_analysis()["bytes accessed"]
+  else:
+    counted = cost.hlo_bytes(compiled.as_text())
+  assert counted / n == pytest.approx(28, abs=0.1)
+  assert cost.minimum_bytes(params, state) / n == pytest.approx(28, abs=0.01)

@@ -63,3 +63,27 @@ def test_beyond_noise_compares_the_gap_with_the_seed_spread():
   assert quality.beyond_noise([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) == "yes"
   assert quality.beyond_noise([1.0, 1.1, 0.9], [1.05, 1.15, 0.95]) == "no"
   assert quality.beyond_noise([1.0], [2.0]) == "n/a"
+
+
+def test_the_keep_step_program_holds_the_keep_path_only():
+  """With the count a constant, the basis update is folded away: the keep
+  step calls no SVD, the update step does."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  import grassjax
+  from benchmarks import cost
+  from examples.llama import targets
+
+  params = {"w": jax.ShapeDtypeStruct((16, 24), jnp.float32)}
+  tx = grassjax.galore(1e-3, rank=4, update_interval=10)
+  cpu = targets.parse_target("cpu")
+  calls = {}
+  for count in (1, 10):
+    compiled, _ = cost.compile_step(tx, params, count, cpu)
+    text = compiled.as_text()
+    assert "conditional" not in text
+    calls[count] = re.findall(r'custom_call_target="([^"]*gesdd[^"]*)"', text)
+  assert not calls[1] and calls[10]
