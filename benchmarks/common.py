@@ -103,6 +103,34 @@ def results_path(name: str, platform: str | None = None) -> Path:
   return RESULTS_DIR / f"{name}-{platform or jax.devices()[0].platform}.json"
 
 
+def earlier_records(name: str, platform: str) -> list[dict[str, Any]]:
+  """The records of ``results/<name>-<platform>.json`` if it was written
+  with this jax version (a compiler of another version may differ); else
+  none."""
+  path = results_path(name, platform)
+  if not path.exists():
+    return []
+  results = json.loads(path.read_text())
+  if results["meta"].get("jax_version") != jax.__version__:
+    return []
+  return results["records"]
+
+
+def merged(
+  records: list[dict[str, Any]],
+  name: str,
+  platform: str,
+  key: Callable[[dict[str, Any]], Any],
+) -> list[dict[str, Any]]:
+  """``records`` and, after them, the rows of the results file as it is now
+  that ``records`` does not hold: two runs writing one file (say a GPU and
+  a TPU one) keep each other's rows."""
+  mine = {key(r) for r in records}
+  return records + [
+    r for r in earlier_records(name, platform) if key(r) not in mine
+  ]
+
+
 def write_results(
   name: str,
   meta: dict[str, Any],

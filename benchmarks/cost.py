@@ -36,7 +36,6 @@ already compiled (same jax version) are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -333,12 +332,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   targets_lib.compile_only()
   names = args.optimizers.split(",") if args.optimizers else None
-  path = common.results_path(NAME, "accelerators")
-  done = []
-  if path.exists():
-    results = json.loads(path.read_text())
-    if results["meta"].get("jax_version") == jax.__version__:
-      done = results["records"]
+  done = common.earlier_records(NAME, "accelerators")
   key = lambda r: (r["model"], r["optimizer"], r["step"], r["target"])  # noqa: E731
   reuse = {key(r): r for r in done}
   skip = set(args.skip.split(",")) - {""}
@@ -350,8 +344,7 @@ def main(argv=None) -> None:
   }
 
   def save():
-    asked = {key(x) for x in records}
-    kept = records + [r for r in done if key(r) not in asked]
+    kept = common.merged(records, NAME, "accelerators", key)
     common.write_results(
       NAME, meta, kept, NOTE + table(kept), platform="accelerators"
     )

@@ -440,18 +440,6 @@ def _cpu_scale_records() -> dict[tuple, dict]:
   }
 
 
-def _earlier(name: str, platform: str) -> list[dict]:
-  """The records of an earlier run of the same results file, compiled with
-  this jax version (a newer compiler may assign buffers differently)."""
-  path = common.results_path(name, platform)
-  if not path.exists():
-    return []
-  results = json.loads(path.read_text())
-  if results["meta"].get("jax_version") != jax.__version__:
-    return []
-  return results["records"]
-
-
 def target_main(args, target: targets_lib.Target) -> None:
   """``--target``: the scale table from an accelerator's compiler."""
   runs = scale_runs(
@@ -470,6 +458,7 @@ def target_main(args, target: targets_lib.Target) -> None:
   cpu = _cpu_scale_records()
 
   def save(records: list[dict]) -> Path:
+    records = common.merged(records, name, target.name, _key)
     compiler = f"{target.platform.upper()} compiler"
     text = (
       f"## Peak memory of the whole training step at scale ({compiler},"
@@ -483,11 +472,8 @@ def target_main(args, target: targets_lib.Target) -> None:
     )
     return common.write_results(name, meta, records, text, target.name)
 
-  done = _earlier(name, target.name)
+  done = common.earlier_records(name, target.name)
   records = scale_table(runs, target, args.mesh, done, save)
-  # Keep the earlier rows this run did not ask for.
-  asked = {_key(r) for r in records}
-  records += [r for r in done if _key(r) not in asked]
   print(f"\nwrote {save(records)}")
 
 
@@ -565,7 +551,7 @@ def fits_main(args) -> None:
   Each optimizer runs in its lowest-memory mode of the H100 table
   (``memory-gpu-h100-80gb``), which must exist.
   """
-  h100 = _earlier("memory", "gpu-h100-80gb")
+  h100 = common.earlier_records("memory", "gpu-h100-80gb")
   if not h100:
     sys.exit("run python -m benchmarks.memory --target gpu-h100-80gb first")
   best = {}
@@ -575,7 +561,9 @@ def fits_main(args) -> None:
       if key not in best or r["peak"] < best[key]["peak"]:
         best[key] = r
   path = common.results_path("memory-fits", "accelerators")
-  done = {_key(r): r for r in _earlier("memory-fits", "accelerators")}
+  done = {
+    _key(r): r for r in common.earlier_records("memory-fits", "accelerators")
+  }
   meta = {
     "command": "python -m benchmarks.memory --fits " + " ".join(args.argv),
     "compiled_on": "this machine, ahead of time (no device attached)",
@@ -584,7 +572,9 @@ def fits_main(args) -> None:
   def save(record: dict | None = None) -> None:
     if record is not None:
       done[_key(record)] = record
-    records = list(done.values())
+    records = common.merged(
+      list(done.values()), "memory-fits", "accelerators", _key
+    )
     common.write_results(
       "memory-fits",
       meta,
