@@ -166,8 +166,8 @@ def hlo_bytes(hlo_text: str) -> int:
         continue
       called = [
         c.strip().lstrip("%")
-        for group in _CALLED.findall(rest)
-        for c in group.split(",")
+        for single, many in _CALLED.findall(rest)
+        for c in (single or many).split(",")
       ]
       if op == "conditional":
         total += min(computation_bytes(c) for c in called)
@@ -182,8 +182,8 @@ def hlo_bytes(hlo_text: str) -> int:
 
 
 _CALLED = re.compile(
-  r"(?:body|condition|to_apply|branch_computations|true_computation"
-  r"|false_computation)=\{?([%\w., -]+)\}?"
+  r"(?:body|condition|to_apply|true_computation|false_computation)="
+  r"%?([\w.-]+)|branch_computations=\{([^}]*)\}"
 )
 
 
