@@ -17,8 +17,6 @@ preset                subspace rule  interval  AO   RS   key
 its defaults, for code that picks an optimizer by name.
 """
 
-from __future__ import annotations
-
 import inspect
 import types
 from collections.abc import Callable, Mapping
@@ -131,14 +129,17 @@ def low_rank_adamw(
     projection_dtype=projection_dtype,
     stagger=stagger,
   )
+  # No decay skips a pass over the weights; optax.identity keeps the state's
+  # structure that of a decayed chain, so it does not change when
+  # inject_hyperparams makes weight_decay an array.
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = (
-    ()
+    optax.identity()
     if no_decay
-    else (optax.add_decayed_weights(weight_decay, weight_decay_mask),)
+    else optax.add_decayed_weights(weight_decay, weight_decay_mask)
   )
   return optax.chain(
-    subspace_adam, *decay, optax.scale_by_learning_rate(learning_rate)
+    subspace_adam, decay, optax.scale_by_learning_rate(learning_rate)
   )
 
 

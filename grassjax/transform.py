@@ -348,9 +348,14 @@ def _check_leaf_dtypes(tree: Any, layouts: list[MatrixLayout | None]) -> None:
     )
 
 
-def _unzip(treedef, rows: list[tuple]) -> list:
-  """Per-leaf tuples as one tree per position."""
-  return [treedef.unflatten(list(column)) for column in zip(*rows, strict=True)]
+def _unzip(treedef, rows: list[tuple], width: int) -> list:
+  """Per-leaf tuples of ``width`` entries as one tree per position.
+
+  A tree with no leaves (``{}``, or the placeholder of
+  ``optax.tree.map_params``) gives ``width`` empty trees of its structure.
+  """
+  columns = zip(*rows, strict=True) if rows else [()] * width
+  return [treedef.unflatten(list(column)) for column in columns]
 
 
 class _Config(NamedTuple):
@@ -392,7 +397,7 @@ def _init_state(config: _Config, params: optax.Params) -> SubspaceAdamState:
     init_leaf(layout, leaf)
     for layout, leaf in zip(layouts, leaves, strict=True)
   ]
-  mu, nu, basis, rnorm = _unzip(treedef, rows)
+  mu, nu, basis, rnorm = _unzip(treedef, rows, 4)
   key = config.key_data
   return SubspaceAdamState(
     count=jnp.zeros([], jnp.int32),
@@ -412,8 +417,12 @@ def _update_state(
   params: optax.Params | None = None,
   *,
   layer: tuple[jax.Array, int] | None = None,
+  **extra_args: Any,
 ) -> tuple[optax.Updates, SubspaceAdamState]:
   """The ``update`` of :func:`scale_by_subspace_adam`: one step.
+
+  Other keyword arguments (``value``, ``grad``, ... that ``optax.chain``
+  passes every member) are accepted and ignored.
 
   ``layer=(index, size)`` updates one slice of stacked parameters, for a
   per-layer (fused) update: every leaf of ``updates`` and of the state's
@@ -422,7 +431,7 @@ def _update_state(
   whole-stack step, PRNG keys included. The returned count is the step's
   count (each slice's call returns the same).
   """
-  del params
+  del params, extra_args
   count, step = state.count, config.step
   grads, treedef = jax.tree.flatten(updates)
   trees = (state.mu, state.nu, state.basis, state.recovery_norm)
@@ -448,7 +457,7 @@ def _update_state(
         step, layout, branch, count, grad, mu, nu, basis, rnorm, keys
       )
     )
-  new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows)
+  new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows, 5)
   return new_updates, state._replace(
     count=optax.safe_increment(count),
     mu=mu,

@@ -884,3 +884,65 @@ def test_a_callable_mask_left_to_inject_hyperparams_is_named():
   )(learning_rate=1e-2, rank=RANK, projection_mask=mask)
   state = static.init(_params())
   assert not isinstance(state.inner_state[0].basis["wide"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_extra_keyword_arguments_are_accepted_and_ignored(name):
+  """optax.chain passes its extra arguments (a line search's value=, ...) to
+  every member."""
+  tx = OPTIMIZERS[name](update_interval=2)
+  params = _params()
+  state = tx.init(params)
+  grads = _grads(0, params)
+  expected, expected_state = tx.update(grads, state, params)
+  updates, new_state = tx.update(
+    grads, state, params, value=jnp.asarray(1.0), value_fn=lambda p: 0.0
+  )
+  chex.assert_trees_all_equal(updates, expected)
+  chex.assert_trees_all_equal(new_state, expected_state)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_tree_without_leaves_and_map_params(name):
+  """init and update of {}; optax.tree.map_params inits on a placeholder
+  with no leaves."""
+  tx = OPTIMIZERS[name]()
+  updates, state = tx.update({}, tx.init({}), {})
+  assert updates == {}
+  params = _params()
+  state = tx.init(params)
+  mapped = optax.tree.map_params(tx, lambda p: p + 1, state)
+  subspace_state = mapped[0]
+  chex.assert_trees_all_equal(
+    subspace_state.mu, jax.tree.map(lambda m: m + 1, state[0].mu)
+  )
+  chex.assert_trees_all_equal(subspace_state.count, state[0].count)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_structure_does_not_depend_on_weight_decay_being_traced(name):
+  """inject_hyperparams makes weight_decay an array; the state must keep the
+  structure of the optimizer it wraps."""
+  factory = getattr(grassjax, name)
+  extra = {"key": KEY} if grassjax.OPTIMIZERS[name].needs_key else {}
+  injected = optax.inject_hyperparams(factory, static_args=("rank", "key"))(
+    learning_rate=1e-2, rank=RANK, **extra
+  )
+  plain = factory(1e-2, rank=RANK, **extra)
+  params = _params()
+  assert jax.tree.structure(
+    injected.init(params).inner_state
+  ) == jax.tree.structure(plain.init(params))
+
+
+@pytest.mark.parametrize("name", [*OPTIMIZERS, "low_rank_adamw"])
+def test_learning_rate_is_annotated_as_a_schedule(name):
+  """optax's suite checks schedules only on optimizers annotated so."""
+  import inspect
+
+  annotation = (
+    inspect.signature(getattr(grassjax, name))
+    .parameters["learning_rate"]
+    .annotation
+  )
+  assert annotation is optax.ScalarOrSchedule
