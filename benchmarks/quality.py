@@ -44,7 +44,7 @@ from benchmarks import common
 from examples.llama import config as config_lib
 from examples.llama import report as report_lib
 from examples.llama import train as train_lib
-from examples.llama.errors import reports_user_errors
+from examples.llama.errors import NonFiniteError, reports_user_errors
 
 RULES = {  # subspace rule of each grid row -> the optimizer that uses it
   "svd": "galore",
@@ -100,11 +100,20 @@ def run(
     lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
   else:
-    summary, records = train_lib.train(run_cfg, progress=True)
-    print(
-      f"{name:36s} eval loss {summary['final_eval_loss']:.4f}"
-      f"  ({summary['wall_seconds']:.0f} s)"
-    )
+    try:
+      summary, records = train_lib.train(run_cfg, progress=True)
+    except NonFiniteError as err:
+      # A rate of the sweep that diverges ranks last (_mean_loss), and the
+      # sweep goes on.
+      lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
+      records = [json.loads(line) for line in lines]
+      summary = {"final_eval_loss": math.nan, "diverged": str(err)}
+      print(f"{name:36s} diverged: {err}")
+    else:
+      print(
+        f"{name:36s} eval loss {summary['final_eval_loss']:.4f}"
+        f"  ({summary['wall_seconds']:.0f} s)"
+      )
   return {
     "run": name,
     "optimizer": optimizer,

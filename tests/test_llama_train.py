@@ -340,7 +340,7 @@ def test_main_reports_user_errors_in_one_line_and_bugs_with_a_traceback(
     assert message in error and "\n" not in error, (argv, error)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "file"]
 
-  def bug(cfg):
+  def bug(cfg, stop):
     raise ValueError("a bug")
 
   monkeypatch.setattr(train_lib, "train", bug)

@@ -58,6 +58,9 @@ RESUMABLE_FIELDS = frozenset(
     "process_id",
     "log_every",
     "dry_run",
+    # a finite step is the same with it, bit for bit: a diverged run resumes
+    # its last good checkpoint with skipping on
+    "skip_nonfinite",
   }
 )
 

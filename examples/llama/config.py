@@ -61,8 +61,10 @@ class TrainConfig:
     1, "micro-batches per step; the batch is split into this many, run in turn"
   )
   lr: float = _flag(3e-3, "peak learning rate")
-  warmup: int = _flag(
-    60, "linear warmup steps, then cosine decay to 10%% of --lr"
+  warmup: int | None = _flag(
+    None,
+    "linear warmup steps, then cosine decay to 10%% of --lr; None: min(60,"
+    " --steps // 10)",
   )
   rank: int = _flag(32, "rank of the projected gradients (low-rank optimizers)")
   update_interval: int = _flag(50, "steps between subspace updates")
@@ -120,13 +122,19 @@ class TrainConfig:
     "byte", "'byte', or a Hugging Face tokenizer such as t5-base"
   )
   seq_len: int = _flag(128, "tokens per training sequence")
-  eval_every: int = _flag(100, "steps between evaluations (and one at the end)")
+  eval_every: int | None = _flag(
+    None,
+    "steps between evaluations (and one at the end); None: min(100, --steps"
+    " // 6), at least 1",
+  )
   eval_batches: int = _flag(8, "validation batches per evaluation")
   checkpoint_dir: str | None = _flag(
     None, "save checkpoints here; None: no checkpoints"
   )
-  checkpoint_every: int = _flag(
-    200, "steps between checkpoints (and one at the end)"
+  checkpoint_every: int | None = _flag(
+    None,
+    "steps between checkpoints (and one at the end); None: min(200, --steps"
+    " // 3), at least 1",
   )
   resume: bool = _flag(
     False, "continue from the latest checkpoint in --checkpoint-dir"
@@ -196,6 +204,12 @@ class TrainConfig:
     " alone, not on the devices or processes. None: one per process",
   )
   log_every: int = _flag(10, "steps between progress-bar and loss updates")
+  skip_nonfinite: int = _flag(
+    0,
+    "skip a step whose loss, gradient norm or new state is not finite (its"
+    " update is dropped) up to this many times in a row, and stop at the next;"
+    " 0: stop at the first. Costs the step up to one more copy of the state",
+  )
 
   def __post_init__(self):
     positive = (
@@ -203,11 +217,14 @@ class TrainConfig:
       " eval_batches checkpoint_every log_every"
     )
     for name in positive.split():
-      if not getattr(self, name) > 0:
-        raise ValueError(
-          f"--{_flag_name(name)} must be > 0, got {getattr(self, name)}."
-        )
-    if not 0 <= self.warmup < self.steps:
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"--{_flag_name(name)} must be > 0, got {value}.")
+    if self.skip_nonfinite < 0:
+      raise ValueError(
+        f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}."
+      )
+    if self.warmup is not None and not 0 <= self.warmup < self.steps:
       raise ValueError(
         f"--warmup must be in [0, --steps); got {self.warmup} with --steps"
         f" {self.steps}."
@@ -374,11 +391,29 @@ class TrainConfig:
       projected_side=self.projected_side if low_rank else "shorter",
     )
 
+  def sized(self) -> TrainConfig:
+    """This configuration with the warmup and the evaluation and checkpoint
+    intervals left None set from ``steps``.
+
+    Those of the default 600-step run, shrunk in proportion for a shorter
+    one, so that any ``--steps`` warms up, evaluates and checkpoints within
+    the run.
+    """
+    defaults = {
+      "warmup": min(60, self.steps // 10),
+      "eval_every": min(100, max(1, self.steps // 6)),
+      "checkpoint_every": min(200, max(1, self.steps // 3)),
+    }
+    return dataclasses.replace(
+      self,
+      **{k: v for k, v in defaults.items() if getattr(self, k) is None},
+    )
+
   def resolved(self, process_count: int) -> TrainConfig:
     """This configuration as a run of ``process_count`` processes records it:
-    ``data_streams`` defaults to one stream per process."""
+    :meth:`sized`, and ``data_streams`` defaults to one stream per process."""
     return dataclasses.replace(
-      self, data_streams=self.data_streams or process_count
+      self.sized(), data_streams=self.data_streams or process_count
     )
 
   @property
@@ -549,7 +584,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.lr,
-    warmup_steps=cfg.warmup,
+    warmup_steps=cfg.sized().warmup,
     decay_steps=cfg.steps,
     end_value=0.1 * cfg.lr,
   )

@@ -1,10 +1,13 @@
 """What a run records as it trains: the metrics log and the throughput.
 
-``metrics.jsonl`` holds one JSON record per line: every step's loss, learning
-rate and energy fractions, the tokens/s of each logging interval, and the
-evaluations; TensorBoard events repeat them when ``tensorboardX`` is
-installed. The host reads a step's metrics only every ``--log-every`` steps
-(:func:`record_losses`), so logging never waits for the device in between.
+``metrics.jsonl`` holds one JSON record per line: every step's loss,
+gradient norm, learning rate and energy fractions (and ``skipped`` when
+``--skip-nonfinite`` dropped its update), the tokens/s of each logging
+interval, and the evaluations; TensorBoard events repeat them when
+``tensorboardX`` is installed. The host reads a step's metrics only every
+``--log-every`` steps (:func:`record_losses`), so logging never waits for the
+device in between. Each line is written out as it is recorded, so the file
+can be followed while the run trains.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from tqdm import tqdm
 
 try:
@@ -70,7 +72,7 @@ class MetricsLog:
     for name in OUTPUTS[1:]:  # they describe a run that reached its end
       (self.out_dir / name).unlink(missing_ok=True)
     self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-    self._file = self.path.open("a")
+    self._file = self.path.open("a", buffering=1)  # line by line
     if tensorboardX is not None:
       self._tensorboard = tensorboardX.SummaryWriter(str(self.out_dir))
 
@@ -135,34 +137,39 @@ class Throughput:
 
 
 def record_losses(
-  pending: Sequence[tuple[int, jax.Array]],
-  schedule: optax.Schedule,
+  pending: Sequence[tuple[int, dict[str, jax.Array]]],
   metrics: MetricsLog,
   throughput: Throughput,
   bar: tqdm,
-) -> None:
+) -> list[dict[str, Any]]:
   """Waits for the metrics of the ``pending`` steps and records them.
 
-  Each step's metrics (loss, energy fractions) and learning rate go to
-  ``metrics``; the throughput of the lap, and the last loss, to the progress
-  bar.
+  Each step's metrics (loss, gradient norm, energy fractions, learning rate)
+  go to ``metrics``; the throughput of the lap, and the last loss, to the
+  progress bar.
+
+  Returns:
+    The steps' records, in order.
   """
   values = jax.device_get([m for _, m in pending])
   rate = throughput.lap(len(pending))
   steps = [step for step, _ in pending]
-  lrs = np.asarray(schedule(np.array(steps) - 1))
-  for step, step_metrics, lr in zip(steps, values, lrs, strict=True):
-    # The energy fractions are NaN before the first subspace exists: not logged.
-    # A NaN loss is.
-    record = {"step": step}
-    record.update(
-      (k, float(v))
-      for k, v in step_metrics.items()
-      if not (k.startswith("energy_") and np.isnan(v))
-    )
-    metrics.write({**record, "lr": float(lr)})
+  records = []
+  for step, step_metrics in zip(steps, values, strict=True):
+    record: dict[str, Any] = {"step": step}
+    for k, v in step_metrics.items():
+      if v.dtype == bool:  # a flag (skipped), logged where it is set
+        if v:
+          record[k] = True
+      # The energy fractions are NaN before the first subspace exists: not
+      # logged. A NaN loss is.
+      elif not (k.startswith("energy_") and np.isnan(v)):
+        record[k] = float(v)
+    metrics.write(record)
+    records.append(record)
   if rate is not None:
     metrics.write({"step": steps[-1], "tokens_per_sec": rate})
     last = values[-1]["loss"]
     bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
   bar.update(len(pending))
+  return records

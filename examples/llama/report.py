@@ -38,9 +38,10 @@ def summarize(
   *,
   devices: int,
   records: Sequence[dict[str, Any]],
-  final_eval: dict[str, float],
+  final_eval: dict[str, float] | None,
   tokens_per_sec: float | None,
   wall_seconds: float,
+  preempted_at: int | None = None,
 ) -> dict[str, Any]:
   """A run's summary: final losses, throughput, and its optimizer state against
   AdamW's.
@@ -51,9 +52,11 @@ def summarize(
     tx: its optimizer (its state is sized from shapes; nothing is allocated).
     devices: the devices it ran on.
     records: its metrics records.
-    final_eval: the final evaluation's ``eval_loss`` and ``eval_ppl``.
+    final_eval: the final evaluation's ``eval_loss`` and ``eval_ppl``;
+      ``None`` for a run stopped before its end.
     tokens_per_sec: the training throughput (``None`` if not measured).
     wall_seconds: the run's wall time.
+    preempted_at: the step after which a stop signal ended the run.
 
   Returns:
     A JSON-friendly dictionary, ``config`` holding every field of ``cfg``.
@@ -75,8 +78,10 @@ def summarize(
     "final_energy_fraction": {
       k: v for k, v in last_train.items() if k.startswith("energy_")
     },
-    "final_eval_loss": final_eval["eval_loss"],
-    "final_eval_ppl": final_eval["eval_ppl"],
+    "final_eval_loss": None if final_eval is None else final_eval["eval_loss"],
+    "final_eval_ppl": None if final_eval is None else final_eval["eval_ppl"],
+    "preempted_at": preempted_at,
+    "skipped_steps": sum(1 for r in records if r.get("skipped")),
     "tokens_per_sec": tokens_per_sec,
     "optimizer_state_bytes": optimizer_bytes,
     "adamw_state_bytes": adamw_bytes,

@@ -281,6 +281,17 @@ def _rounding_key(cfg: config_lib.TrainConfig, optimizer) -> jax.Array | None:
   return jax.random.fold_in(key, optimizer.step[...])
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point element of ``tree`` is finite (a boolean
+  scalar); integers and PRNG keys are not looked at."""
+  leaves = [
+    jnp.isfinite(x).all()
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
 def make_train_step(
   cfg: config_lib.TrainConfig,
   graphdefs: GraphDefs,
@@ -295,23 +306,50 @@ def make_train_step(
   gradients of the micro-batches are summed in a ``lax.scan`` and averaged,
   so the step equals one step on the whole batch (:func:`whole_model_step`),
   or, with ``--fused-update``, :func:`fused_step`. ``metrics`` holds the
-  ``loss`` and, for the low-rank optimizers, :func:`energy_by_layer_type` of
-  this step's gradient (NaN on the first step, which has no subspace yet).
+  ``loss``, the global norm of the gradient before clipping (``grad_norm``),
+  the learning rate the step applied (``lr``) and, for the low-rank
+  optimizers, :func:`energy_by_layer_type` of this step's gradient (NaN on
+  the first step, which has no subspace yet).
+
+  With ``--skip-nonfinite`` a step whose loss, gradient norm or new state is
+  not finite returns the state it was given, unchanged (step counts
+  included, so the schedule does not advance), and ``metrics["skipped"]``
+  says so: a select on the device, as ``optax.apply_if_finite`` does, which
+  keeps the old state alive beside the new one.
   """
+  schedule = config_lib.learning_rate_schedule(cfg)
 
   def train_step(
     state: TrainState, batch: jax.Array
   ) -> tuple[TrainState, jax.Array]:
+    # The objects merged from the state share its variables, which the step
+    # writes into: what a skipped step keeps is taken first.
+    old_leaves = jax.tree.leaves(state)
     model = nnx.merge(graphdefs.model, state.model)
     optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
     step = fused_step if cfg.fused_update else whole_model_step
-    loss, params, opt_state, energy = step(cfg, model, optimizer, batch)
+    loss, grad_norm, params, opt_state, energy = step(
+      cfg, model, optimizer, batch
+    )
     first_step = optimizer.step[...] == 0
-    metrics = {"loss": loss}
+    metrics = {"loss": loss, "grad_norm": grad_norm}
     metrics.update(
       (k, jnp.where(first_step, jnp.nan, v)) for k, v in energy.items()
     )
-    return _commit(model, optimizer, params, opt_state), metrics
+    metrics["lr"] = schedule(optimizer.step[...])
+    new_state = _commit(model, optimizer, params, opt_state)
+    if cfg.skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      finite &= all_finite(new_state)
+      leaves, treedef = jax.tree.flatten(new_state)
+      new_state = treedef.unflatten(
+        [
+          jax.lax.select(finite, new, old)
+          for new, old in zip(leaves, old_leaves, strict=True)
+        ]
+      )
+      metrics["skipped"] = ~finite
+    return new_state, metrics
 
   return jax.jit(
     train_step,
@@ -533,7 +571,8 @@ def _scanned_gradients(cfg, model, params, tokens, opt_state=None):
 def whole_model_step(cfg, model, optimizer, batch):
   """The gradients of the whole model, then one optimizer update.
 
-  Returns ``(loss, params, opt_state, energy)``.
+  Returns ``(loss, grad_norm, params, opt_state, energy)``, ``grad_norm``
+  the gradient's global norm before clipping.
   """
   model_def, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.as_pure(params)
@@ -575,11 +614,12 @@ def whole_model_step(cfg, model, optimizer, batch):
     # is why scanned models measure it inside the backward loop instead).
     energy = energy_by_layer_type(grads, opt_state)
     grads, energy = jax.lax.optimization_barrier((grads, energy))
+  grad_norm = jnp.sqrt(_squared_norm(jax.tree.leaves(grads)))
   if cfg.clip == "per-layer":
     grads = clip_per_layer(grads)
   updates, opt_state = optimizer.tx.update(grads, opt_state, params)
   params = apply_updates(params, updates, _rounding_key(cfg, optimizer))
-  return loss, params, opt_state, energy
+  return loss, grad_norm, params, opt_state, energy
 
 
 def _group_tx(cfg, group: str) -> optax.GradientTransformation:
@@ -598,8 +638,9 @@ def fused_step(cfg, model, optimizer, batch):
   (``--clip per-layer``) and updates block ``l``'s slice of the parameters and
   of the ``layers`` group's optimizer state in place; the embedding, final
   norm and head (the ``rest`` group) are updated after the loop. Returns
-  ``(loss, params, opt_state, energy)``, equal to :func:`whole_model_step`'s
-  with the same clipping.
+  ``(loss, grad_norm, params, opt_state, energy)``, equal to
+  :func:`whole_model_step`'s with the same clipping; the norm is summed up
+  block by block.
   """
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   opt_state = nnx.as_pure(optimizer.opt_state)
@@ -614,9 +655,11 @@ def fused_step(cfg, model, optimizer, batch):
 
   def layer_step(index, dx, layer_params, state_stacks):
     """Block ``index``'s backward pass and update: its new slices, the new
-    shared state (the same for every block), and its energy fractions."""
+    shared state (the same for every block), its energy fractions and the
+    squared norm of its gradient."""
     p = [_pick(x, index) for x in layer_params]
     grads, dx = passes.block_backward(index, p, dx)
+    square = _squared_norm(grads)
     if cfg.clip == "per-layer":
       grads = clip_by_group_norm(grads, 1.0, stacked=False)
     # Every block starts from the step's shared state (one step count).
@@ -627,12 +670,12 @@ def fused_step(cfg, model, optimizer, batch):
       grads, state, whole(p), layer=(index, n_layers)
     )
     p = passes.part(apply_updates(whole(p), updates, key, layer=index), True)
-    return dx, p, *states.parts(state), energy
+    return dx, p, *states.parts(state), energy, square
 
   def backward(i, carry):
-    dx, layer_params, state_stacks, _, energy = carry
+    dx, layer_params, state_stacks, _, energy, square = carry
     index = n_layers - 1 - i
-    dx, p, state_slices, shared, layer_energy = layer_step(
+    dx, p, state_slices, shared, layer_energy, layer_square = layer_step(
       index, dx, layer_params, state_stacks
     )
     return (
@@ -644,18 +687,27 @@ def fused_step(cfg, model, optimizer, batch):
       ],
       shared,
       {k: _put(energy[k], v, index) for k, v in layer_energy.items()},
+      square + layer_square,
     )
 
   energy = _energy_shapes(passes, states, layer_params)
-  dx, layer_params, state_stacks, shared, energy = jax.lax.fori_loop(
+  dx, layer_params, state_stacks, shared, energy, square = jax.lax.fori_loop(
     0,
     n_layers,
     backward,
-    (dx, layer_params, states.stacks, states.shared, energy),
+    (
+      dx,
+      layer_params,
+      states.stacks,
+      states.shared,
+      energy,
+      jnp.zeros((), jnp.float32),
+    ),
   )
 
   # The embedding, final norm and head: one more group, updated last.
   grads = passes.rest_gradients(dx)
+  grad_norm = jnp.sqrt(square + _squared_norm(grads))
   if cfg.clip == "per-layer":
     grads = clip_by_group_norm(grads, 1.0, stacked=False)
   rest_params = whole(rest_leaves=passes.part(params, False))
@@ -672,4 +724,9 @@ def fused_step(cfg, model, optimizer, batch):
     }
   )
   energy = {k: v.mean() for k, v in energy.items()}
-  return loss, whole(layer_params, rest), opt_state, energy
+  return loss, grad_norm, whole(layer_params, rest), opt_state, energy
+
+
+def _squared_norm(leaves) -> jax.Array:
+  """The squared norm of a list of gradients, in float32."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
