@@ -60,7 +60,7 @@ def positive(name: str, value: Any) -> None:
     raise ValueError(f"grassjax: {name} must be > 0, got {value!r}.")
 
 
-def step_size(value: jax.typing.ArrayLike) -> None:
+def step_size(value: Any) -> None:
   """Refuses a negative or non-finite step size where its value is known."""
   try:
     known = float(value)

@@ -160,7 +160,7 @@ def _preset(
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own
   ]
   params = [p for p in own.values() if p.kind is not p.VAR_KEYWORD]
-  factory.__signature__ = inspect.Signature(
+  factory.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     params + shared,
     return_annotation=optax.GradientTransformationExtraArgs,
   )
@@ -410,7 +410,8 @@ def galore(
 
 
 for _alias in (grasswalk, grassjump, subtrack_pp, galore):
-  _alias.__doc__ = _alias.__doc__.replace("{options}", _OPTIONS_DOC)
+  if _alias.__doc__ is not None:  # None under python -OO
+    _alias.__doc__ = _alias.__doc__.replace("{options}", _OPTIONS_DOC)
 
 
 class OptimizerInfo(NamedTuple):

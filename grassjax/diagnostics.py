@@ -66,6 +66,7 @@ def energy_fraction(
     matrix) for projected parameters and ``None`` for the others.
   """
   state = find_subspace_state(opt_state)
+  treedef: layout_lib.PyTreeDef
   leaves, treedef = jax.tree.flatten(grads)
   # Matched by position, not by tree type: wrappers differ between the
   # gradients and the state (flax.nnx.Optimizer keeps its state in OptVariable
@@ -74,7 +75,7 @@ def energy_fraction(
     state.basis, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
   )
   layouts = layout_lib.layouts_from_bases(grads, bases, dimension_numbers)
-  out = []
+  out: list[jax.Array | None] = []
   for g, basis, layout in zip(leaves, bases, layouts, strict=True):
     if layout is None:
       out.append(None)
@@ -84,6 +85,7 @@ def energy_fraction(
       (jnp.zeros(layout.num_matrices, jnp.float32),),
       (layout.to_views(g), layout.flatten_batch(basis)),
     )
+    assert fractions is not None  # for_each_matrix returns None for None only
     out.append(fractions.reshape(layout.batch_shape))
   return treedef.unflatten(out)
 

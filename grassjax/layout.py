@@ -25,6 +25,10 @@ import optax
 
 from grassjax import _checks
 
+# jax.tree_util.PyTreeDef, typed loosely: it lives in jaxlib's compiled core,
+# which ships no type stubs.
+PyTreeDef = Any
+
 ProjectedSide = Literal["shorter", "longer"]
 
 
@@ -233,7 +237,7 @@ def per_leaf(spec: Any, tree: Any, name: str) -> list:
   ``None`` or one :class:`MatrixDimensionNumbers` applies to every leaf; a
   lone bool only to a one-leaf tree.
   """
-  treedef = jax.tree.structure(tree)
+  treedef: PyTreeDef = jax.tree.structure(tree)
   if callable(spec):
     spec = spec(tree)
   single = isinstance(spec, (bool, jax.Array, np.ndarray, np.bool_))
@@ -335,7 +339,7 @@ def layouts_from_bases(
       f"grassjax: the tree has {len(leaves)} leaves but the optimizer state"
       f" has {len(bases)} bases."
     )
-  layouts = []
+  layouts: list[MatrixLayout | None] = []
   for (path, leaf), basis, dims in zip(leaves, bases, dims_list, strict=True):
     if isinstance(basis, optax.MaskedNode):
       layouts.append(None)

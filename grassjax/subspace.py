@@ -453,7 +453,10 @@ def random_walk(
   )
 
 
-def _random_basis(shape: tuple[int, int], dtype, key: jax.Array) -> jax.Array:
+def _random_basis(
+  shape: tuple[int, ...], dtype, key: jax.Array | None
+) -> jax.Array:
+  assert key is not None  # the rule needs a key; the optimizer refuses none
   return orthonormalize(jax.random.normal(key, shape, dtype))
 
 

@@ -36,6 +36,7 @@ from grassjax.layout import (
   MaskOrFn,
   MatrixLayout,
   ProjectedSide,
+  PyTreeDef,
 )
 
 
@@ -63,7 +64,8 @@ class SubspaceAdamState(NamedTuple):
       leaves that are not projected or when recovery scaling is off.
   """
 
-  count: jax.Array
+  # Named as optax's states name theirs, over tuple.count.
+  count: jax.Array  # type: ignore[assignment]
   key: jax.Array | None
   mu: optax.Updates
   nu: optax.Updates
@@ -78,12 +80,13 @@ class _StepConfig(NamedTuple):
   rank: int
   adaptive_optimizer: bool
   recovery_scaling: bool
-  zeta: jax.typing.ArrayLike
-  scale: jax.typing.ArrayLike
+  # Numbers, or traced scalars under optax.inject_hyperparams.
+  zeta: Any
+  scale: Any
   scale_recovery: bool
-  b1: jax.typing.ArrayLike
-  b2: jax.typing.ArrayLike
-  eps: jax.typing.ArrayLike
+  b1: Any
+  b2: Any
+  eps: Any
   projection_dtype: jnp.dtype | None
 
 
@@ -163,7 +166,7 @@ def _matrix_step(
   basis: jax.Array,
   recovery_norm: jax.Array | None,
   key: jax.Array | None,
-) -> tuple[jax.Array, ...]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """One projected matrix's step: ``grad`` is a view (see ``MatrixLayout``).
 
   Returns the update (the view's shape and dtype) and the new ``mu``, ``nu``,
@@ -182,6 +185,7 @@ def _matrix_step(
     mu.astype(jnp.float32), nu.astype(jnp.float32), t, c.b1, c.b2, c.eps
   )
   if c.recovery_scaling:
+    assert recovery_norm is not None  # carried whenever recovery scaling is on
     update, recovery_norm = recovery.recovery_update(
       layout,
       grad,
@@ -231,14 +235,15 @@ def _projected_leaf(
     ),
     (keys,),
   )
-  mu, nu, basis, new_norm = (
+  new_mu, new_nu, new_basis, new_norm = (
     None if x is None else layout.unflatten_batch(x) for x in new_state
   )
+  assert update is not None  # for_each_matrix returns None for None only
   return (
     layout.from_views(update),
-    mu,
-    nu,
-    basis,
+    new_mu,
+    new_nu,
+    new_basis,
     recovery_norm if masked else new_norm,
   )
 
@@ -433,6 +438,7 @@ def _update_state(
   """
   del params, extra_args
   count, step = state.count, config.step
+  treedef: PyTreeDef
   grads, treedef = jax.tree.flatten(updates)
   trees = (state.mu, state.nu, state.basis, state.recovery_norm)
   per_leaf_state = list(zip(*map(treedef.flatten_up_to, trees), strict=True))
