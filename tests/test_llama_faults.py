@@ -448,6 +448,28 @@ def test_processes_stop_and_save_together_when_one_is_signalled(tmp_path):
   assert [r["step"] for r in steps_of(records(out))] == list(range(1, stop + 1))
 
 
+@pytest.fixture
+def interruptible():
+  """SIGINT with Python's own handler, whatever this process inherited (a
+  shell's background job starts with it ignored)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_ignored_signals_stay_ignored():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with faults.StopSignals() as stop:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      signal.raise_signal(signal.SIGINT)
+      assert stop.received is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("interruptible")
 def test_stop_signals_are_caught_once_then_act_as_before():
   before = {s: signal.getsignal(s) for s in faults.StopSignals.SIGNALS}
   with faults.StopSignals() as stop:
@@ -460,6 +482,7 @@ def test_stop_signals_are_caught_once_then_act_as_before():
   assert {s: signal.getsignal(s) for s in faults.StopSignals.SIGNALS} == before
 
 
+@pytest.mark.usefixtures("interruptible")
 def test_main_catches_stop_signals_only_while_it_trains(tmp_path, monkeypatch):
   def caught() -> list[bool]:
     handlers = map(signal.getsignal, faults.StopSignals.SIGNALS)

@@ -93,7 +93,8 @@ class StopSignals:
   A context manager, entered by the command's ``main`` only. The first signal
   is recorded and its previous handler put back, so a second one acts at once
   as it would have (SIGINT raises ``KeyboardInterrupt``); leaving restores
-  both handlers.
+  both handlers. A signal the process was started ignoring (``nohup``, a
+  shell's background job ignores SIGINT) stays ignored.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -104,7 +105,8 @@ class StopSignals:
 
   def __enter__(self) -> StopSignals:
     for signum in self.SIGNALS:
-      self._previous[signum] = signal.signal(signum, self._catch)
+      if signal.getsignal(signum) is not signal.SIG_IGN:
+        self._previous[signum] = signal.signal(signum, self._catch)
     return self
 
   def __exit__(self, *exc_info) -> None:
