@@ -97,16 +97,14 @@ def run(
   )
   if same_config(earlier.get("config"), run_cfg):
     summary = earlier
-    lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = run_records(out_dir / name)
   else:
     try:
       summary, records = train_lib.train(run_cfg, progress=True)
     except NonFiniteError as err:
       # A rate of the sweep that diverges ranks last (_mean_loss), and the
       # sweep goes on.
-      lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
-      records = [json.loads(line) for line in lines]
+      records = run_records(out_dir / name)
       summary = {"final_eval_loss": math.nan, "diverged": str(err)}
       print(f"{name:36s} diverged: {err}")
     else:
@@ -124,6 +122,12 @@ def run(
     **{k: v for k, v in summary.items() if k not in ("config", "optimizer")},
     "curves": curves(records),
   }
+
+
+def run_records(run_dir: Path) -> list[dict]:
+  """The metrics records a run wrote to ``run_dir/metrics.jsonl``."""
+  lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
 
 
 def same_config(recorded: dict | None, cfg: config_lib.TrainConfig) -> bool:
@@ -409,10 +413,9 @@ def main(argv=None) -> None:
   best_runs = {}
   for name, lr in best.items():
     seed = args.seeds[0]
-    lines = (out_dir / run_name(name, lr, seed) / "metrics.jsonl").read_text()
-    best_runs[f"{name} (lr {lr:g})"] = [
-      json.loads(x) for x in lines.splitlines()
-    ]
+    best_runs[f"{name} (lr {lr:g})"] = run_records(
+      out_dir / run_name(name, lr, seed)
+    )
   tokens = cfg.steps * cfg.batch_size * cfg.seq_len
   report_lib.plot_losses(
     best_runs,
