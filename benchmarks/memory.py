@@ -11,7 +11,8 @@ step.
    one recovery norm with recovery scaling; two full moments for every other
    parameter; the step count and PRNG key. Target: state bytes = minimum.
    The low-rank optimizers' state is also given with ``moment_dtype=bfloat16``
-   (both moments of every parameter in bfloat16, the bases in float32).
+   (both moments of every parameter in bfloat16, the bases in float32), and
+   every optimizer's with 8-bit moments (``--moment-dtype 8bit``).
 2. **Peak memory of one training step** (``jit(step).lower(...).compile()
    .memory_analysis()``: arguments + outputs + temporaries - donated aliases)
    of the LLaMA example's full step (forward, backward, clip, update) for each
@@ -20,8 +21,8 @@ step.
    measured ratio no larger (no ``(m, n)`` temporaries beyond the gradient
    and the update).
 3. **The whole step at scale** (:func:`scale_table`): 1b and 7b, each
-   optimizer, plain / fused / fused with bfloat16 weights and state, and
-   which of 24, 40 and 80 GiB each fits.
+   optimizer, plain / fused / fused with bfloat16 weights and state / the
+   same with 8-bit moments, and which of 24, 40 and 80 GiB each fits.
 
 Results go to ``benchmarks/results/memory-<platform>.{json,md}``.
 """
@@ -98,6 +99,8 @@ def state_bytes_table(models) -> list[dict]:
           name, rank, update_interval=200, moment_dtype=jnp.bfloat16
         )
         bf16_moments = diagnostics.state_bytes(jax.eval_shape(tx.init, params))
+      tx = make_optimizer(name, rank, update_interval=200, moment_dtype="8bit")
+      moments_8bit = diagnostics.state_bytes(jax.eval_shape(tx.init, params))
       records.append(
         {
           "model": model,
@@ -108,6 +111,7 @@ def state_bytes_table(models) -> list[dict]:
           "state_over_minimum": measured / minimum,
           "ratio_to_adamw": measured / adamw,
           "bf16_moments_bytes": bf16_moments,
+          "8bit_moments_bytes": moments_8bit,
         }
       )
       print(
@@ -168,6 +172,12 @@ SCALE_MODES = {
   "fused + bf16": dict(
     scan_layers=True, fused_update=True, clip="per-layer", **BF16_STATE
   ),
+  "fused + bf16 + 8-bit": dict(
+    scan_layers=True,
+    fused_update=True,
+    clip="per-layer",
+    **dict(BF16_STATE, moment_dtype="8bit"),
+  ),
 }
 PEER = "optax.contrib.galore"
 
@@ -227,7 +237,9 @@ def scale_config(
   """The trainer's configuration of one row of the scale table."""
   settings = dict(SCALE_STEP, **SCALE_MODES[mode])
   if name in ("adamw", PEER):
-    settings.pop("moment_dtype", None)
+    # AdamW takes 8-bit moments (grassjax.adamw), the peer none.
+    if name == PEER or settings.get("moment_dtype") != "8bit":
+      settings.pop("moment_dtype", None)
     settings.pop("basis_dtype", None)
   return config_lib.TrainConfig(
     optimizer="galore" if name == PEER else name,
@@ -371,7 +383,8 @@ SCALE_HEADER = (
   "`--remat --dtype bfloat16`, batch 4 x 256, papers' ranks, vocabulary"
   " 32000; GiB per device. Modes: unscanned layers; scanned (`--scan-layers`,"
   " float32 weights, global clipping); fused (`--fused-update --clip"
-  " per-layer`); fused with bfloat16 weights, moments and bases."
+  " per-layer`); fused with bfloat16 weights, moments and bases; the same"
+  " with block-wise 8-bit moments (`--moment-dtype 8bit`; AdamW's too)."
   " optax.contrib.galore cannot project stacked (scanned) kernels and keeps"
   " full Adam moments for them."
 )
@@ -703,8 +716,23 @@ def main(argv=None) -> None:
   states = state_bytes_table(models)
   peaks = peak_step_memory(args.peak_model, args.batch_size, args.seq_len)
   scale = scale_table(
-    scale_runs([m for m in args.scale_models.split(",") if m]), target
+    scale_runs(
+      [m for m in args.scale_models.split(",") if m],
+      args.optimizers and args.optimizers.split(","),
+      args.modes and args.modes.split(","),
+    ),
+    target,
+    done=[r for r in common.earlier_records("memory", "cpu") if "mode" in r],
   )
+  # The rows of the file that this run did not ask for stay.
+  scale = [
+    *scale,
+    *(
+      r
+      for r in common.earlier_records("memory", "cpu")
+      if "mode" in r and _key(r) not in {_key(x) for x in scale}
+    ),
+  ]
   tables = (
     "## Peak memory of the whole training step at scale (compile-only, CPU"
     " compiler, memory-optimized schedule)\n\n"
@@ -723,6 +751,7 @@ def main(argv=None) -> None:
         "state / minimum",
         "state / adamw",
         "with bf16 moments (GiB)",
+        "with 8-bit moments (GiB)",
       ),
       [
         (
@@ -735,6 +764,7 @@ def main(argv=None) -> None:
           ""
           if r["bf16_moments_bytes"] is None
           else r["bf16_moments_bytes"] / 2**30,
+          r["8bit_moments_bytes"] / 2**30,
         )
         for r in states
       ],

@@ -44,7 +44,7 @@ from benchmarks import common
 from examples.llama import config as config_lib
 from examples.llama import report as report_lib
 from examples.llama import train as train_lib
-from examples.llama.errors import NonFiniteError, reports_user_errors
+from examples.llama.errors import NonFiniteError, UserError, reports_user_errors
 
 RULES = {  # subspace rule of each grid row -> the optimizer that uses it
   "svd": "galore",
@@ -331,6 +331,84 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
   return out + "\n"
 
 
+# Settings that may differ between a run of ``--rates-from`` and the runs of
+# the results file it compares with.
+_PER_RUN = ("optimizer", "lr", "seed", "out_dir", "moment_dtype")
+
+
+def reference_rates(
+  reference: dict, cfg: config_lib.TrainConfig, optimizers: Sequence[str]
+) -> dict[str, float]:
+  """The tuned rate of each optimizer in a quality results file, checked to
+  come from runs of ``cfg`` but for the moments' storage."""
+  recorded = reference["meta"]["config"]
+  current = json.loads(json.dumps(dataclasses.asdict(cfg.sized())))
+  current["data_dir"] = common.display_path(cfg.data_dir)
+  differ = [
+    name
+    for name, value in current.items()
+    if name not in _PER_RUN and recorded.get(name, value) != value
+  ]
+  if differ:
+    flags = ", ".join(f"--{config_lib._flag_name(n)}" for n in differ)
+    raise UserError(
+      "--rates-from compares runs of the same settings; these differ from"
+      f" the file's: {flags}."
+    )
+  missing = [n for n in optimizers if n not in reference["meta"]["best_lr"]]
+  if missing:
+    raise UserError(f"--rates-from has no tuned rate for {', '.join(missing)}.")
+  return {name: reference["meta"]["best_lr"][name] for name in optimizers}
+
+
+def storage_table(
+  records: Sequence[dict],
+  reference: Sequence[dict],
+  best: dict[str, float],
+  storage: str,
+) -> str:
+  """Each optimizer's runs at its tuned rate against the reference file's
+  runs at the same rate and seeds (their moments stored otherwise)."""
+  rows = []
+  for name, lr in best.items():
+    losses = _losses(records, optimizer=name, lr=lr)
+    seeds = {r["seed"] for r in records if r["optimizer"] == name}
+    theirs = [
+      r["final_eval_loss"]
+      for r in reference
+      if r["optimizer"] == name
+      and r["lr"] == lr
+      and r["seed"] in seeds
+      and "ablation" not in r
+    ]
+    rows.append(
+      (
+        name,
+        f"{lr:g}",
+        mean_std(losses),
+        mean_std(theirs),
+        f"{statistics.mean(losses) - statistics.mean(theirs):+.4f}",
+        beyond_noise(losses, theirs),
+      )
+    )
+  return (
+    f"## Moments stored as {storage} against float32, at each optimizer's"
+    " tuned rate\n\n"
+    + common.markdown_table(
+      (
+        "optimizer",
+        "lr",
+        f"{storage}: final eval loss",
+        "float32",
+        "difference",
+        "beyond seed noise",
+      ),
+      rows,
+    )
+    + "\n"
+  )
+
+
 @reports_user_errors("python -m benchmarks.quality")
 def main(argv=None) -> None:
   parser = config_lib.build_parser(
@@ -364,11 +442,22 @@ def main(argv=None) -> None:
   parser.add_argument("--results-name", default="quality")
   parser.add_argument("--ablation", action="store_true")
   parser.add_argument("--ablation-seeds", type=common.ints, default=[0])
+  parser.add_argument(
+    "--rates-from",
+    type=Path,
+    default=None,
+    help="a quality results file (JSON): run each optimizer only at the rate"
+    " tuned there, and compare with that file's runs (for another"
+    " --moment-dtype)",
+  )
   parser.set_defaults(out_dir="runs/quality")
   args = parser.parse_args(argv)
   cfg = config_lib.config_from_args(parser, args)
   out_dir = Path(cfg.out_dir)
 
+  if args.rates_from is not None:
+    _compare_storage(args, cfg, out_dir)
+    return
   records = [
     record
     for optimizer in args.optimizers
@@ -423,6 +512,34 @@ def main(argv=None) -> None:
     f"LLaMA {cfg.model}, {tokens:,} tokens, best lr, seed {args.seeds[0]}",
   )
   print(f"\n{text}wrote {path}, {path.with_suffix('.md')} and the plot")
+
+
+def _compare_storage(args, cfg: config_lib.TrainConfig, out_dir: Path) -> None:
+  """``--rates-from``: the seeds at each optimizer's tuned rate, against the
+  results file's runs."""
+  reference = json.loads(args.rates_from.read_text())
+  best = reference_rates(reference, cfg, args.optimizers)
+  records = [
+    run(cfg, name, lr, seed, out_dir)
+    for name, lr in best.items()
+    for seed in args.seeds
+  ]
+  budget = common.run_budget(cfg).rsplit(", lr", 1)[0]
+  text = (
+    f"Budget: {budget}; moments {cfg.moment_dtype}; rates tuned with float32"
+    f" moments in {common.display_path(args.rates_from)}; seeds"
+    f" {args.seeds}.\n\n"
+  )
+  text += storage_table(records, reference["records"], best, cfg.moment_dtype)
+  meta = {
+    "budget": budget,
+    "moment_dtype": cfg.moment_dtype,
+    "rates_from": common.display_path(args.rates_from),
+    "best_lr": best,
+    "seeds": args.seeds,
+  }
+  path = common.write_results(args.results_name, meta, records, text)
+  print(f"\n{text}wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -72,23 +72,28 @@ TRAIN_SETUPS = (
 )
 
 
+def _moment_flag(moment_dtype) -> str:
+  """``--moment-dtype``'s value for a dtype, ``"8bit"``, or None (float32)."""
+  if moment_dtype is None:
+    return "float32"
+  return "8bit" if moment_dtype == "8bit" else jnp.dtype(moment_dtype).name
+
+
 def make_optimizer(
   name: str, rank: int, update_interval: int, moment_dtype=None, svd_method=None
 ):
   """The optimizer ``name`` as the LLaMA example builds it, at a constant rate.
 
   No clipping, no schedule, weight decay 0.01; ``moment_dtype`` (None:
-  float32) is that of both moments, ``svd_method`` (None: exact) the
-  example's ``--svd-method``.
+  float32; a dtype, or ``"8bit"``) is that of both moments, ``svd_method``
+  (None: exact) the example's ``--svd-method``.
   """
   cfg = config_lib.TrainConfig(
     optimizer=name,
     rank=rank,
     update_interval=update_interval,
     weight_decay=0.01,
-    moment_dtype="float32"
-    if moment_dtype is None
-    else jnp.dtype(moment_dtype).name,
+    moment_dtype=_moment_flag(moment_dtype),
     svd_method=svd_method,
   )
   return config_lib.base_optimizer(cfg, learning_rate=1e-3)
@@ -212,7 +217,8 @@ def matrix_optimizers(rank: int, update_interval: int) -> dict[str, Any]:
 
   Same rank, interval, scale and weight decay for all; every matrix is
   projected (the default mask). ``galore, longer side`` and ``grasswalk,
-  longer side`` project as the peer does (moments ``r x min(m, n)``).
+  longer side`` project as the peer does (moments ``r x min(m, n)``); the
+  ``8-bit moments`` rows store both moments in block-wise 8-bit codes.
   """
   shared = dict(rank=rank, update_interval=update_interval, weight_decay=0.01)
   optimizers = {
@@ -236,6 +242,15 @@ def matrix_optimizers(rank: int, update_interval: int) -> dict[str, Any]:
   optimizers["grasswalk, longer side"] = grassjax.grasswalk(
     1e-3, key=jax.random.key(0), projected_side="longer", **shared
   )
+  # Block-wise 8-bit moments, dequantized and quantized again in the step.
+  optimizers["grassjax.adamw, 8-bit moments"] = grassjax.adamw(
+    1e-3, weight_decay=0.01, mu_dtype="8bit"
+  )
+  for name, info in grassjax.OPTIMIZERS.items():
+    key = jax.random.key(0) if info.needs_key else None
+    optimizers[f"{name}, 8-bit moments"] = info.constructor(
+      1e-3, key=key, mu_dtype="8bit", **shared
+    )
   return optimizers
 
 

@@ -6,10 +6,18 @@ transformations: :func:`low_rank_adamw` and its presets, built on
 :mod:`grassjax.subspace`.
 """
 
-from grassjax import diagnostics, layout, moments, recovery, subspace
+from grassjax import (
+  diagnostics,
+  layout,
+  moments,
+  quantization,
+  recovery,
+  subspace,
+)
 from grassjax.alias import (
   OPTIMIZERS,
   OptimizerInfo,
+  adamw,
   galore,
   grassjump,
   grasswalk,
@@ -30,6 +38,7 @@ __all__ = [
   "OptimizerInfo",
   "SubspaceAdamState",
   "SubspaceRule",
+  "adamw",
   "diagnostics",
   "galore",
   "grassjump",
@@ -37,6 +46,7 @@ __all__ = [
   "layout",
   "low_rank_adamw",
   "moments",
+  "quantization",
   "recovery",
   "rotate_moments",
   "scale_by_subspace_adam",

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from grassjax import quantization
 from grassjax import subspace as subspace_lib
 from grassjax.layout import DimensionNumbersOrFn, MaskOrFn, ProjectedSide
 from grassjax.transform import scale_by_subspace_adam
@@ -50,8 +51,8 @@ def low_rank_adamw(
   projection_mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
   projected_side: ProjectedSide = "shorter",
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  nu_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | quantization.Blockwise8Bit | None = None,
+  nu_dtype: jax.typing.DTypeLike | quantization.Blockwise8Bit | None = None,
   basis_dtype: jax.typing.DTypeLike | None = None,
   projection_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
@@ -97,8 +98,10 @@ def low_rank_adamw(
       (:class:`grassjax.MatrixDimensionNumbers`).
     projected_side: ``"shorter"`` (the papers') or ``"longer"`` (as
       ``optax.contrib.galore``).
-    mu_dtype: dtype of Adam's first moments (``None``: float32).
-    nu_dtype: dtype of Adam's second moments (``None``: ``mu_dtype``).
+    mu_dtype: dtype of Adam's first moments (``None``: float32), or
+      ``"8bit"`` for block-wise 8-bit codes (:mod:`grassjax.quantization`).
+    nu_dtype: dtype of Adam's second moments, or ``"8bit"`` (``None``:
+      ``mu_dtype``).
     basis_dtype: dtype of the stored bases (``None``: float32).
     projection_dtype: operand dtype of the products with the bases,
       accumulated in float32 (``None``: float32).
@@ -140,6 +143,62 @@ def low_rank_adamw(
   )
   return optax.chain(
     subspace_adam, decay, optax.scale_by_learning_rate(learning_rate)
+  )
+
+
+def _project_nothing(params: Any) -> Any:
+  return jax.tree.map(lambda _: False, params)
+
+
+def adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 1e-4,
+  mask: MaskOrFn = None,
+  *,
+  mu_dtype: jax.typing.DTypeLike | quantization.Blockwise8Bit | None = None,
+  nu_dtype: jax.typing.DTypeLike | quantization.Blockwise8Bit | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW whose moments may be stored in 8 bits: ``optax.adamw``'s step.
+
+  Every parameter takes the plain Adam step of
+  :func:`scale_by_subspace_adam` (nothing is projected), then decoupled
+  weight decay and the learning rate:
+
+  .. math::
+    W \leftarrow W - \eta_t \left(
+      \frac{M / (1 - \beta_1^t)}{\sqrt{V / (1 - \beta_2^t)} + \epsilon}
+      + \lambda W \right)
+
+  With float32 moments this is ``optax.adamw``; with ``mu_dtype="8bit"`` it
+  is AdamW with block-wise 8-bit moments
+  (:mod:`grassjax.quantization`), the full-rank anchor of the low-rank
+  optimizers' 8-bit runs. Arguments as ``optax.adamw``'s, ``mask`` the
+  weight decay's; ``mu_dtype`` and ``nu_dtype`` as in
+  :func:`scale_by_subspace_adam`.
+
+  Example:
+    >>> import jax.numpy as jnp, grassjax
+    >>> params = {"w": jnp.ones((4, 512))}
+    >>> tx = grassjax.adamw(1e-3, mu_dtype="8bit")
+    >>> state = tx.init(params)
+    >>> state[0].mu.codes["w"].dtype, state[0].mu.scales["w"].shape
+    (dtype('uint8'), (4, 2))
+  """
+  return low_rank_adamw(
+    learning_rate,
+    subspace_lib.svd(),  # never used: no parameter is projected
+    rank=1,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=mask,
+    projection_mask=_project_nothing,
+    mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
   )
 
 

@@ -357,13 +357,14 @@ def layouts_from_bases(
 
 def for_each_matrix(
   fn: Callable[..., tuple],
-  carried: tuple[jax.Array | None, ...],
-  read: tuple[jax.Array | None, ...] = (),
-) -> tuple[jax.Array | None, ...]:
+  carried: tuple[Any, ...],
+  read: tuple[Any, ...] = (),
+) -> tuple[Any, ...]:
   """``carried[k][j] = fn(*carried[:][j], *read[:][j])[k]`` for every ``j``.
 
-  Every array has the stack's ``N`` matrices along its first axis (``None``
-  entries are passed through as ``None``). The matrices are visited one at a
+  Each entry is an array or a pytree of arrays (a quantized moment) with the
+  stack's ``N`` matrices along the first axis of every leaf; ``None``
+  entries are passed through as ``None``. The matrices are visited one at a
   time in a ``fori_loop`` whose carry is updated slice by slice in place: the
   intermediates of ``fn`` exist for one matrix (``vmap`` would hold them for
   the whole stack), and an output may overwrite the input it replaces.
@@ -372,19 +373,23 @@ def for_each_matrix(
   of a parameter keep its batch axes in front in the parameter's order, which
   is the order :meth:`MatrixLayout.to_views` flattens them in.
   """
-  size = next(x.shape[0] for x in carried if x is not None)
+  size = jax.tree.leaves(carried)[0].shape[0]
 
   def at(x, j):
-    return None if x is None else jax.lax.dynamic_index_in_dim(x, j, 0, False)
+    return jax.tree.map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), x
+    )
 
   if size == 1:  # no loop to compile
-    outs = fn(*(None if x is None else x[0] for x in carried + read))
-    return tuple(None if o is None else o[None] for o in outs)
+    outs = fn(*(jax.tree.map(lambda a: a[0], x) for x in carried + read))
+    return tuple(jax.tree.map(lambda a: a[None], o) for o in outs)
 
   def body(j, stacks):
     outs = fn(*(at(x, j) for x in stacks + read))
     return tuple(
-      None if x is None else jax.lax.dynamic_update_index_in_dim(x, o, j, 0)
+      jax.tree.map(
+        lambda a, o: jax.lax.dynamic_update_index_in_dim(a, o, j, 0), x, o
+      )
       for x, o in zip(stacks, outs, strict=True)
     )
 

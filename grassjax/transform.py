@@ -30,6 +30,7 @@ import optax
 
 from grassjax import _checks, moments, recovery
 from grassjax import layout as layout_lib
+from grassjax import quantization as quant
 from grassjax import subspace as subspace_lib
 from grassjax.layout import (
   DimensionNumbersOrFn,
@@ -56,7 +57,14 @@ class SubspaceAdamState(NamedTuple):
       raw ``uint32`` key data; ``None`` when none was given.
     mu: first moments: ``B + (r, n)`` for projected leaves, the parameter's
       shape otherwise (complex for a complex parameter).
-    nu: second moments, same shapes as ``mu``, always real.
+    nu: second moments, same shapes as ``mu``, always real. Under 8-bit
+      storage ``mu`` and ``nu`` are each a
+      :class:`~grassjax.quantization.QuantizedArray` of two trees shaped as
+      the parameters: ``codes`` (``uint8``, the moment's shape) and
+      ``scales`` (one per block of the moment's last axis). Scalars and
+      complex moments are not quantized: their ``codes`` entry is the
+      float32 (complex64) moment and their ``scales`` entry
+      ``optax.MaskedNode()``.
     basis: ``B + (m, r)`` orthonormal bases; ``optax.MaskedNode()`` for
       leaves that are not projected.
     recovery_norm: ``B``-shaped ``float32`` norm of the last applied
@@ -88,6 +96,22 @@ class _StepConfig(NamedTuple):
   b2: Any
   eps: Any
   projection_dtype: jnp.dtype | None
+  mu_storage: quant.MomentStorage
+  nu_storage: quant.MomentStorage
+
+  def load(self, mu, nu) -> tuple[jax.Array, jax.Array]:
+    """The stored moments' values, in float32 at least."""
+    return (
+      quant.load(mu, self.mu_storage),
+      quant.load(nu, self.nu_storage, second_moment=True),
+    )
+
+  def save(self, mu, nu, like_mu, like_nu) -> tuple[Any, Any]:
+    """``mu`` and ``nu`` stored as ``like_mu`` and ``like_nu`` are."""
+    return (
+      quant.save(mu, like_mu, self.mu_storage),
+      quant.save(nu, like_nu, self.nu_storage, second_moment=True),
+    )
 
 
 # What a step does to a basis; ``lax.switch`` takes the branches in this order.
@@ -142,14 +166,9 @@ def _next_basis(
     if not config.adaptive_optimizer:
       return new, mu, nu
     new_mu, new_nu = moments.rotate_moments(
-      new.T @ current,
-      mu.astype(jnp.float32),
-      nu.astype(jnp.float32),
-      config.b1,
-      config.b2,
-      count,
+      new.T @ current, *config.load(mu, nu), config.b1, config.b2, count
     )
-    return new, new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
+    return new, *config.save(new_mu, new_nu, mu, nu)
 
   branches = {KEEP: keep, INIT: init, MOVE: move}
   return jax.lax.switch(branch, [branches[code] for code in sorted(branches)])
@@ -178,12 +197,15 @@ def _matrix_step(
     c, layout, branch, count, grad, mu, nu, basis, key
   )
   grad_low = layout.project(basis_f32, grad, c.projection_dtype)
-  mu = ((1 - c.b1) * grad_low + c.b1 * mu.astype(jnp.float32)).astype(mu.dtype)
-  nu_new = (1 - c.b2) * jnp.square(grad_low) + c.b2 * nu.astype(jnp.float32)
-  nu = nu_new.astype(nu.dtype)
-  direction = moments.adam_direction(
-    mu.astype(jnp.float32), nu.astype(jnp.float32), t, c.b1, c.b2, c.eps
+  old_mu, old_nu = c.load(mu, nu)
+  mu, nu = c.save(
+    (1 - c.b1) * grad_low + c.b1 * old_mu,
+    (1 - c.b2) * jnp.square(grad_low) + c.b2 * old_nu,
+    mu,
+    nu,
   )
+  # The direction of the moments as stored, so a resumed run repeats it.
+  direction = moments.adam_direction(*c.load(mu, nu), t, c.b1, c.b2, c.eps)
   if c.recovery_scaling:
     assert recovery_norm is not None  # carried whenever recovery scaling is on
     update, recovery_norm = recovery.recovery_update(
@@ -231,12 +253,12 @@ def _projected_leaf(
     step,
     (
       layout.to_views(grad),
-      *(None if x is None else layout.flatten_batch(x) for x in stacks),
+      *(jax.tree.map(layout.flatten_batch, x) for x in stacks),
     ),
     (keys,),
   )
   new_mu, new_nu, new_basis, new_norm = (
-    None if x is None else layout.unflatten_batch(x) for x in new_state
+    jax.tree.map(layout.unflatten_batch, x) for x in new_state
   )
   assert update is not None  # for_each_matrix returns None for None only
   return (
@@ -248,24 +270,25 @@ def _projected_leaf(
   )
 
 
-def _adam_leaf(grad, mu, nu, count, b1, b2, eps) -> tuple[jax.Array, ...]:
+def _adam_leaf(config: _StepConfig, grad, mu, nu, count) -> tuple[Any, ...]:
   """Plain Adam for a parameter that is not projected: ``(update, mu, nu)``.
 
   In float32 at least, as the projected leaves: a bfloat16 gradient would
   otherwise round ``(1 - b1) g`` and ``g^2`` before they are accumulated.
-  A complex gradient's second moment is ``|g|^2``.
+  A complex gradient's second moment is ``|g|^2``. As in
+  ``optax.scale_by_adam``, the direction is that of the new moments before
+  they are stored (cast, or quantized).
   """
+  b1, b2 = config.b1, config.b2
   g = grad.astype(jnp.promote_types(grad.dtype, jnp.float32))
-  new_mu = (1 - b1) * g + b1 * mu.astype(g.dtype)
+  old_mu, old_nu = config.load(mu, nu)
+  new_mu = (1 - b1) * g + b1 * old_mu
   g_sq = jnp.square(g) if jnp.isrealobj(g) else (g.conj() * g).real
-  new_nu = (1 - b2) * g_sq + b2 * nu.astype(g_sq.dtype)
+  new_nu = (1 - b2) * g_sq + b2 * old_nu
+  mu, nu = config.save(new_mu, new_nu, mu, nu)
   t = optax.safe_increment(count)
-  direction = moments.adam_direction(new_mu, new_nu, t, b1, b2, eps)
-  return (
-    direction.astype(grad.dtype),
-    new_mu.astype(mu.dtype),
-    new_nu.astype(nu.dtype),
-  )
+  direction = moments.adam_direction(new_mu, new_nu, t, b1, b2, config.eps)
+  return direction.astype(grad.dtype), mu, nu
 
 
 def _matrix_keys(
@@ -313,30 +336,29 @@ def _init_leaf(
   leaf: Any,
   *,
   rank: int,
-  mu_dtype: jnp.dtype,
-  nu_dtype: jnp.dtype,
+  mu_storage: quant.MomentStorage,
+  nu_storage: quant.MomentStorage,
   basis_dtype: jnp.dtype,
   recovery_scaling: bool,
 ) -> tuple[Any, Any, Any, Any]:
   """Zero ``(mu, nu, basis, recovery_norm)`` of one parameter."""
   masked = optax.MaskedNode()
   if layout is None:
-    shape = jnp.shape(leaf)
+    shape = tuple(jnp.shape(leaf))
     # A complex parameter's mean is complex; its second moment |g|^2 is real.
-    mean_dtype = mu_dtype
-    if jnp.issubdtype(_checks.leaf_dtype(leaf), jnp.complexfloating):
-      mean_dtype = jnp.promote_types(mu_dtype, jnp.complex64)
+    complex_mean = jnp.issubdtype(_checks.leaf_dtype(leaf), jnp.complexfloating)
     return (
-      jnp.zeros(shape, mean_dtype),
-      jnp.zeros(shape, nu_dtype),
+      quant.zeros(shape, mu_storage, complex_mean=complex_mean),
+      quant.zeros(shape, nu_storage),
       masked,
       masked,
     )
   batch = layout.batch_shape
   rnorm = jnp.zeros(batch, jnp.float32) if recovery_scaling else masked
+  moment_shape = (*batch, rank, layout.n)
   return (
-    jnp.zeros((*batch, rank, layout.n), mu_dtype),
-    jnp.zeros((*batch, rank, layout.n), nu_dtype),
+    quant.zeros(moment_shape, mu_storage),
+    quant.zeros(moment_shape, nu_storage),
     jnp.zeros((*batch, layout.m, rank), basis_dtype),
     rnorm,
   )
@@ -353,14 +375,60 @@ def _check_leaf_dtypes(tree: Any, layouts: list[MatrixLayout | None]) -> None:
     )
 
 
-def _unzip(treedef, rows: list[tuple], width: int) -> list:
-  """Per-leaf tuples of ``width`` entries as one tree per position.
+def _unzip(treedef, rows: list[tuple], storages: tuple[Any, ...]) -> list:
+  """Per-leaf tuples as one tree per position.
 
-  A tree with no leaves (``{}``, or the placeholder of
-  ``optax.tree.map_params``) gives ``width`` empty trees of its structure.
+  ``storages[k]`` is the moment storage of position ``k`` (its tree is built
+  by :func:`_moment_tree`), or ``None`` for a plain tree. A tree with no
+  leaves (``{}``, or the placeholder of ``optax.tree.map_params``) gives
+  empty trees of its structure.
   """
+  width = len(storages)
   columns = zip(*rows, strict=True) if rows else [()] * width
-  return [treedef.unflatten(list(column)) for column in columns]
+  return [
+    treedef.unflatten(list(column))
+    if storage is None
+    else _moment_tree(treedef, list(column), storage)
+    for column, storage in zip(columns, storages, strict=True)
+  ]
+
+
+def _moment_leaves(treedef, moment: Any) -> list:
+  """A moment's per-parameter entries: arrays, or a quantized parameter's
+  ``QuantizedArray`` of its codes and scales."""
+  if not isinstance(moment, quant.QuantizedArray):
+    return treedef.flatten_up_to(moment)
+  return [
+    codes
+    if isinstance(scales, optax.MaskedNode)
+    else quant.QuantizedArray(codes, scales)
+    for codes, scales in zip(
+      treedef.flatten_up_to(moment.codes),
+      treedef.flatten_up_to(moment.scales),
+      strict=True,
+    )
+  ]
+
+
+def _moment_tree(treedef, leaves: list, storage: quant.MomentStorage) -> Any:
+  """Inverse of :func:`_moment_leaves`: under 8-bit storage one
+  ``QuantizedArray`` of two trees, the codes' and the scales' (a masked
+  scale for a moment that is not quantized), so that every parameter's entry
+  in each tree is one array, as optax's and flax's tree code expects."""
+  if not isinstance(storage, quant.Blockwise8Bit):
+    return treedef.unflatten(leaves)
+  quantized = [isinstance(x, quant.QuantizedArray) for x in leaves]
+  return quant.QuantizedArray(
+    treedef.unflatten(
+      [x.codes if q else x for x, q in zip(leaves, quantized, strict=True)]
+    ),
+    treedef.unflatten(
+      [
+        x.scales if q else optax.MaskedNode()
+        for x, q in zip(leaves, quantized, strict=True)
+      ]
+    ),
+  )
 
 
 class _Config(NamedTuple):
@@ -372,8 +440,6 @@ class _Config(NamedTuple):
   projection_mask: MaskOrFn
   dimension_numbers: DimensionNumbersOrFn
   projected_side: ProjectedSide
-  mu_dtype: jnp.dtype
-  nu_dtype: jnp.dtype
   basis_dtype: jnp.dtype
   key_data: jax.Array | None
   key_impl: Any
@@ -392,8 +458,8 @@ def _init_state(config: _Config, params: optax.Params) -> SubspaceAdamState:
   init_leaf = functools.partial(
     _init_leaf,
     rank=config.step.rank,
-    mu_dtype=config.mu_dtype,
-    nu_dtype=config.nu_dtype,
+    mu_storage=config.step.mu_storage,
+    nu_storage=config.step.nu_storage,
     basis_dtype=config.basis_dtype,
     recovery_scaling=config.step.recovery_scaling,
   )
@@ -402,7 +468,8 @@ def _init_state(config: _Config, params: optax.Params) -> SubspaceAdamState:
     init_leaf(layout, leaf)
     for layout, leaf in zip(layouts, leaves, strict=True)
   ]
-  mu, nu, basis, rnorm = _unzip(treedef, rows, 4)
+  storages = (config.step.mu_storage, config.step.nu_storage)
+  mu, nu, basis, rnorm = _unzip(treedef, rows, (*storages, None, None))
   key = config.key_data
   return SubspaceAdamState(
     count=jnp.zeros([], jnp.int32),
@@ -440,8 +507,15 @@ def _update_state(
   count, step = state.count, config.step
   treedef: PyTreeDef
   grads, treedef = jax.tree.flatten(updates)
-  trees = (state.mu, state.nu, state.basis, state.recovery_norm)
-  per_leaf_state = list(zip(*map(treedef.flatten_up_to, trees), strict=True))
+  per_leaf_state = list(
+    zip(
+      _moment_leaves(treedef, state.mu),
+      _moment_leaves(treedef, state.nu),
+      treedef.flatten_up_to(state.basis),
+      treedef.flatten_up_to(state.recovery_norm),
+      strict=True,
+    )
+  )
   layouts = layout_lib.layouts_from_bases(
     updates, [leaf[2] for leaf in per_leaf_state], config.dimension_numbers
   )
@@ -452,7 +526,7 @@ def _update_state(
     zip(grads, layouts, per_leaf_state, strict=True)
   ):
     if layout is None:
-      adam = _adam_leaf(grad, mu, nu, count, step.b1, step.b2, step.eps)
+      adam = _adam_leaf(step, grad, mu, nu, count)
       rows.append((*adam, basis, rnorm))
       continue
     branch = _basis_branch(count, offsets[i], config.update_interval)
@@ -463,7 +537,10 @@ def _update_state(
         step, layout, branch, count, grad, mu, nu, basis, rnorm, keys
       )
     )
-  new_updates, mu, nu, basis, rnorm = _unzip(treedef, rows, 5)
+  storages = (step.mu_storage, step.nu_storage)
+  new_updates, mu, nu, basis, rnorm = _unzip(
+    treedef, rows, (None, *storages, None, None)
+  )
   return new_updates, state._replace(
     count=optax.safe_increment(count),
     mu=mu,
@@ -490,8 +567,8 @@ def scale_by_subspace_adam(
   projection_mask: MaskOrFn = None,
   dimension_numbers: DimensionNumbersOrFn = None,
   projected_side: ProjectedSide = "shorter",
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  nu_dtype: jax.typing.DTypeLike | None = None,
+  mu_dtype: jax.typing.DTypeLike | quant.Blockwise8Bit | None = None,
+  nu_dtype: jax.typing.DTypeLike | quant.Blockwise8Bit | None = None,
   basis_dtype: jax.typing.DTypeLike | None = None,
   projection_dtype: jax.typing.DTypeLike | None = None,
   stagger: bool = False,
@@ -568,9 +645,14 @@ def scale_by_subspace_adam(
       or ``"longer"`` (as ``optax.contrib.galore``: moments ``r x min(m,
       n)``, a larger basis). Random rules keep about ``r / m`` of a
       gradient's energy, so the side matters most for them.
-    mu_dtype: dtype of ``mu`` whatever the parameters' dtype; ``None`` means
-      float32.
-    nu_dtype: dtype of ``nu``; ``None`` means ``mu_dtype``'s.
+    mu_dtype: how ``mu`` is stored whatever the parameters' dtype: a
+      floating dtype of 16 bits or more, or ``"8bit"`` (or a
+      :class:`~grassjax.quantization.Blockwise8Bit`) for block-wise 8-bit
+      codes, dequantized, updated and quantized again inside the step, one
+      matrix at a time; ``None`` means float32. The step computes in float32
+      whatever it is.
+    nu_dtype: how ``nu`` is stored, as ``mu_dtype``; ``None`` means
+      ``mu_dtype``'s.
     basis_dtype: dtype in which the bases are stored; ``None`` means
       float32. The step computes in float32 whatever it is; bfloat16 halves
       the bases at the price of orthonormality to about ``4e-3``.
@@ -607,8 +689,8 @@ def scale_by_subspace_adam(
       "grassjax: projected_side must be 'shorter' or 'longer', got"
       f" {projected_side!r}."
     )
-  mu_dtype = _checks.as_dtype("mu_dtype", mu_dtype) or jnp.dtype(jnp.float32)
-  nu_dtype = _checks.as_dtype("nu_dtype", nu_dtype) or mu_dtype
+  mu_storage = quant.storage("mu_dtype", mu_dtype) or jnp.dtype(jnp.float32)
+  nu_storage = quant.storage("nu_dtype", nu_dtype) or mu_storage
   basis_dtype = _checks.as_dtype("basis_dtype", basis_dtype) or jnp.dtype(
     jnp.float32
   )
@@ -632,14 +714,14 @@ def scale_by_subspace_adam(
       b2,
       eps,
       projection_dtype,
+      mu_storage,
+      nu_storage,
     ),
     update_interval=update_interval,
     stagger=stagger,
     projection_mask=projection_mask,
     dimension_numbers=dimension_numbers,
     projected_side=projected_side,
-    mu_dtype=mu_dtype,
-    nu_dtype=nu_dtype,
     basis_dtype=basis_dtype,
     key_data=key_data,
     key_impl=key_impl,

@@ -35,6 +35,7 @@ STEP_SIZE_OPTIMIZERS = tuple(
 )
 MESHES = ("none", "dp", "fsdp")
 DTYPES = ("float32", "bfloat16")
+MOMENT_DTYPES = (*DTYPES, "8bit")
 CLIPS = ("global", "per-layer", "none")
 SVD_METHODS = ("exact", "randomized")
 PROJECTED_SIDES = ("shorter", "longer")
@@ -99,8 +100,9 @@ class TrainConfig:
   )
   moment_dtype: str = _flag(
     "float32",
-    "dtype of Adam's moments in the low-rank optimizers (bfloat16 halves them)",
-    DTYPES,
+    "how Adam's moments are stored: float32, bfloat16 (halves them) or 8bit"
+    " (block-wise 8-bit codes, about a quarter)",
+    MOMENT_DTYPES,
   )
   basis_dtype: str = _flag(
     "float32", "dtype of the stored bases of the low-rank optimizers", DTYPES
@@ -242,7 +244,6 @@ class TrainConfig:
         " optimizers, not adamw."
       )
     for name, default in (
-      ("moment_dtype", "float32"),
       ("basis_dtype", "float32"),
       ("projected_side", "shorter"),
     ):
@@ -319,7 +320,7 @@ class TrainConfig:
       ("mesh", MESHES),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
-      ("moment_dtype", DTYPES),
+      ("moment_dtype", MOMENT_DTYPES),
       ("basis_dtype", DTYPES),
       ("clip", CLIPS),
       ("projected_side", PROJECTED_SIDES),
@@ -371,8 +372,8 @@ class TrainConfig:
     take.
 
     ``step_size`` and ``svd_method`` are dropped for optimizers without them;
-    ``adaptive_optimizer``, ``recovery_scaling``, ``moment_dtype``,
-    ``basis_dtype`` and ``projected_side`` for AdamW. So one shared
+    ``adaptive_optimizer``, ``recovery_scaling``, ``basis_dtype`` and
+    ``projected_side`` for AdamW. So one shared
     configuration can run every optimizer.
     """
     keeps_step = optimizer in STEP_SIZE_OPTIMIZERS
@@ -386,7 +387,6 @@ class TrainConfig:
       svd_method=self.svd_method if keeps_svd else None,
       adaptive_optimizer=self.adaptive_optimizer if low_rank else None,
       recovery_scaling=self.recovery_scaling if low_rank else None,
-      moment_dtype=self.moment_dtype if low_rank else "float32",
       basis_dtype=self.basis_dtype if low_rank else "float32",
       projected_side=self.projected_side if low_rank else "shorter",
     )
@@ -643,12 +643,19 @@ def base_optimizer(
 
   The low-rank optimizers come from :data:`grassjax.OPTIMIZERS`, projecting
   :func:`model.low_rank_mask`'s kernels; settings left ``None`` in ``cfg``
-  keep the optimizer's default. ``learning_rate`` replaces the run's schedule
+  keep the optimizer's default. AdamW is ``optax.adamw``, or with moments
+  stored in less than float32 :func:`grassjax.adamw` (the same step).
+  ``learning_rate`` replaces the run's schedule
   (:func:`learning_rate_schedule`) when given.
   """
   lr = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
+  moments: Any = cfg.moment_dtype
+  if moments != "8bit":
+    moments = jnp.dtype(moments)
   if cfg.optimizer == "adamw":
-    return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    if cfg.moment_dtype == "float32":
+      return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    return grassjax.adamw(lr, weight_decay=cfg.weight_decay, mu_dtype=moments)
   info = grassjax.OPTIMIZERS[cfg.optimizer]
   options = {
     "rank": cfg.rank,
@@ -657,7 +664,7 @@ def base_optimizer(
     "weight_decay": cfg.weight_decay,
     "projection_mask": model_lib.low_rank_mask,
     "projected_side": cfg.projected_side,
-    "mu_dtype": jnp.dtype(cfg.moment_dtype),
+    "mu_dtype": moments,
     "basis_dtype": jnp.dtype(cfg.basis_dtype),
   }
   for name in (

@@ -16,7 +16,8 @@ that its own devices hold (:func:`process_rows`), and only reads those.
 The rule for ``fsdp`` looks at each state array's own shape, not at the
 parameter it belongs to: GrassWalk's moments of a projected ``(m, n)`` kernel
 are ``(r, n)`` and its basis is ``(m, r)``, and each is split on whichever of
-its own axes is largest.
+its own axes is largest. A quantized moment's codes and scales are split
+along one axis that divides both.
 """
 
 from __future__ import annotations
@@ -115,20 +116,58 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], num_devices: int, axis_name: str) -> P:
+def fsdp_spec(
+  shape: tuple[int, ...],
+  num_devices: int,
+  axis_name: str,
+  also: tuple[int, ...] | None = None,
+) -> P:
   """Shards the largest dimension that ``num_devices`` divides; vectors
-  replicate."""
+  replicate.
+
+  With ``also`` (a second shape of the same rank) only dimensions it too
+  can split along are candidates, so that two arrays read together are
+  split alike.
+  """
   if len(shape) < 2:
     return P()
-  divisible = [d for d, size in enumerate(shape) if size % num_devices == 0]
+  divisible = [
+    d
+    for d, size in enumerate(shape)
+    if size % num_devices == 0 and (also is None or also[d] % num_devices == 0)
+  ]
   if not divisible:
     return P()
   axis = max(divisible, key=lambda d: shape[d])
   return P(*(axis_name if d == axis else None for d in range(len(shape))))
 
 
+def _key_name(entry) -> object:
+  return getattr(entry, "key", getattr(entry, "name", None))
+
+
+def _quantized_pair(path: tuple, leaves: dict) -> tuple | None:
+  """``(codes, scales)``, the abstract arrays of the quantized moment that
+  the leaf at ``path`` is one half of; None for any other leaf."""
+  for i, entry in enumerate(path):
+    other = {"codes": "scales", "scales": "codes"}.get(_key_name(entry))
+    if other is None:
+      continue
+    swapped = (*path[:i], type(entry)(other), *path[i + 1 :])
+    if swapped in leaves:
+      pair = (leaves[path], leaves[swapped])
+      return pair if other == "scales" else pair[::-1]
+  return None
+
+
 def state_shardings(abstract_state, mesh: Mesh, kind: str):
   """A sharding for every array of the training state.
+
+  A quantized moment's codes and scales (the two trees of a
+  ``grassjax.quantization.QuantizedArray``, one scale per block of the
+  codes' last axis) are split along the same axis, one that divides both, so
+  that every block and its scale sit on one device and the step dequantizes
+  without moving either.
 
   Args:
     abstract_state: the state's pytree of ``jax.ShapeDtypeStruct``.
@@ -141,10 +180,18 @@ def state_shardings(abstract_state, mesh: Mesh, kind: str):
   if kind != "fsdp":
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)
   axis_name = mesh.axis_names[0]
-  return jax.tree.map(
-    lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.size, axis_name)),
-    abstract_state,
-  )
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+  leaves = dict(flat)
+
+  def sharding(path, x):
+    pair = _quantized_pair(path, leaves)
+    if pair is None:
+      return NamedSharding(mesh, fsdp_spec(x.shape, mesh.size, axis_name))
+    codes, scales = pair
+    spec = fsdp_spec(codes.shape, mesh.size, axis_name, also=scales.shape)
+    return NamedSharding(mesh, spec)
+
+  return treedef.unflatten([sharding(path, x) for path, x in flat])
 
 
 def put(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -1,0 +1,233 @@
+r"""Block-wise 8-bit storage of Adam's moments.
+
+A moment of shape ``(..., n)`` is stored as a :class:`QuantizedArray`:
+``uint8`` codes of the same shape and one ``float32`` scale per block of
+``block_size`` consecutive entries along its last axis, ``(..., ceil(n /
+block_size))``; 1.016 bytes an entry at the default block of 256, against 4
+for float32.
+
+First moment ``M``: a code is the bit pattern of an 8-bit float,
+``float8_e4m3fn`` (a sign, 4 exponent and 3 mantissa bits, largest finite
+value 448). A floating-point code is a dynamic (non-linear) quantization:
+its spacing grows with magnitude, so an entry keeps a relative precision of
+``2^-4`` (half a mantissa step) from its block's largest magnitude ``a`` down
+to ``2^-15`` of it, and subnormal codes resolve entries down to ``2^-18`` of
+it. Adam divides each entry of ``M`` by the root of the same entry of ``V``,
+so it is the relative error of every entry, small or large, that a code must
+bound; a linear code would lose the small ones.
+
+.. math::
+  c = \mathrm{e4m3}\!\left(448\, M / a\right), \qquad \hat M = a\, c / 448
+
+Second moment ``V``, never negative: no sign bit, so an unsigned float code
+with 4 exponent and 4 mantissa bits, relative to the block's largest entry
+``b``: code 255 is ``b``, each binade below it holds 16 codes, and code 0 is
+zero.
+
+.. math::
+  c = \mathrm{clip}\left(\mathrm{e4m4}(V / b),\ 1,\ 255\right)
+  \ \text{where}\ V > 0, \qquad \hat V = b\, \mathrm{e4m4}^{-1}(c)
+
+An entry keeps a relative precision of ``2^-5`` from ``b`` down to
+``2^-16`` of it (its root, which Adam divides by, half that). A positive
+entry is never stored as zero: below the smallest code it rounds up to it,
+``1.125 \cdot 2^{-16} b``, which can only shorten its step. (A ``V``
+rounded to zero would turn Adam's :math:`M / (\sqrt V + \epsilon)` into
+:math:`M / \epsilon`.) The code is computed from the bits of the float32
+ratio, by integer rounding of its mantissa.
+
+References:
+  Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR
+  2022), for block-wise scaling and dynamic codes; Li et al., "Memory
+  Efficient Optimizers with 4-bit States" (NeurIPS 2023), for the zero point
+  of the second moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from grassjax import _checks
+
+_CODE = jnp.float8_e4m3fn  # of the first moment
+_LARGEST = 448.0  # its largest finite value
+# The second moment's code: a float32 ratio in (0, 1] keeps its exponent and
+# 4 mantissa bits, bits 19 and up (rounded to nearest by adding half of bit
+# 19); 1.0 (exponent 127, mantissa 0) becomes code 255.
+_KEPT = 19
+_OFFSET = (127 << 4) - 255
+
+
+class QuantizedArray(NamedTuple):
+  """An array of shape ``(..., n)`` stored in :class:`Blockwise8Bit` codes.
+
+  In an optimizer's state the two fields are trees shaped as the
+  parameters, each parameter's entry one array (see
+  :class:`grassjax.SubspaceAdamState`).
+
+  Attributes:
+    codes: ``uint8``, the array's shape: bit patterns of ``float8_e4m3fn``.
+    scales: ``float32``, ``(..., ceil(n / block_size))``: each block's largest
+      magnitude (of the root, for a second moment).
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise8Bit:
+  """Block-wise 8-bit storage of a moment (see the module's docstring).
+
+  ``mu_dtype="8bit"`` (and ``nu_dtype``) names this with the default block;
+  pass an instance for another block size. Smaller blocks follow the
+  magnitudes more closely at 4 bytes more per block.
+
+  Attributes:
+    block_size: entries per scale, along a moment's last axis; ``>= 1``.
+  """
+
+  block_size: int = 256
+
+  def __post_init__(self):
+    size = self.block_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(
+        f"grassjax: Blockwise8Bit's block_size must be an int >= 1, got"
+        f" {size!r}."
+      )
+
+  def num_blocks(self, n: int) -> int:
+    return -(-n // self.block_size)
+
+  def zeros(self, shape: tuple[int, ...]) -> QuantizedArray:
+    """The codes of a zero array of ``shape`` (``ndim >= 1``)."""
+    return QuantizedArray(
+      jnp.zeros(shape, jnp.uint8),
+      jnp.zeros((*shape[:-1], self.num_blocks(shape[-1])), jnp.float32),
+    )
+
+  def _blocks(self, x: jax.Array) -> jax.Array:
+    """``(..., n)`` as ``(..., blocks, block_size)``, the last zero-padded."""
+    n = x.shape[-1]
+    padding = self.num_blocks(n) * self.block_size - n
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
+    return x.reshape(*x.shape[:-1], -1, self.block_size)
+
+  def quantize(
+    self, x: jax.Array, *, second_moment: bool = False
+  ) -> QuantizedArray:
+    """Codes of ``x`` ``(..., n)``: a first moment, or with
+    ``second_moment`` a second moment (never negative)."""
+    x = x.astype(jnp.float32)
+    blocks = self._blocks(x)
+    scales = jnp.max(jnp.abs(blocks), axis=-1)
+    # An all-zero block has scale 0 and zero codes.
+    inverse = jnp.where(scales > 0, 1 / scales, 0.0)[..., None]
+    if second_moment:
+      codes = _encode_unsigned(blocks * inverse)
+    else:
+      scaled = jnp.clip(blocks * (_LARGEST * inverse), -_LARGEST, _LARGEST)
+      codes = jax.lax.bitcast_convert_type(scaled.astype(_CODE), jnp.uint8)
+    codes = codes.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+    return QuantizedArray(codes, scales)
+
+  def dequantize(
+    self, q: QuantizedArray, *, second_moment: bool = False
+  ) -> jax.Array:
+    """The ``float32`` array that ``q``'s codes stand for."""
+    n = q.codes.shape[-1]
+    scales = jnp.repeat(q.scales, self.block_size, axis=-1)[..., :n]
+    if second_moment:
+      return _decode_unsigned(q.codes) * scales
+    values = jax.lax.bitcast_convert_type(q.codes, _CODE).astype(jnp.float32)
+    return values * (scales / _LARGEST)
+
+
+def _encode_unsigned(ratio: jax.Array) -> jax.Array:
+  """The second moment's ``uint8`` codes of ratios in ``[0, 1]``."""
+  bits = jax.lax.bitcast_convert_type(ratio, jnp.int32)
+  rounded = (bits + (1 << (_KEPT - 1))) >> _KEPT
+  codes = jnp.clip(rounded - _OFFSET, 1, 255)
+  return jnp.where(ratio > 0, codes, 0).astype(jnp.uint8)
+
+
+def _decode_unsigned(codes: jax.Array) -> jax.Array:
+  """Inverse of :func:`_encode_unsigned`, to rounding."""
+  bits = (codes.astype(jnp.int32) + _OFFSET) << _KEPT
+  ratio = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return jnp.where(codes > 0, ratio, 0.0)
+
+
+MomentStorage = jnp.dtype | Blockwise8Bit
+"""How a moment is stored: a floating dtype, or :class:`Blockwise8Bit`."""
+
+
+def storage(name: str, value: Any) -> MomentStorage | None:
+  """``mu_dtype``'s or ``nu_dtype``'s value as a storage (``None`` stays).
+
+  ``"8bit"`` is :class:`Blockwise8Bit` with its default block.
+  """
+  if value is None or isinstance(value, Blockwise8Bit):
+    return value
+  if isinstance(value, str) and value == "8bit":
+    return Blockwise8Bit()
+  dtype = _checks.as_dtype(name, value)
+  assert dtype is not None
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
+    # An unscaled 8-bit cast would round Adam's moments (1e-4 and smaller)
+    # to zero; an integer one, to integers.
+    raise ValueError(
+      f"grassjax: {name} must be a floating dtype of 16 bits or more, or"
+      f" '8bit' for block-wise 8-bit codes; got {dtype}."
+    )
+  return dtype
+
+
+def zeros(
+  shape: tuple[int, ...], store: MomentStorage, *, complex_mean: bool = False
+) -> jax.Array | QuantizedArray:
+  """A zero moment of ``shape`` stored as ``store``; ``complex_mean`` for
+  the first moment of a complex parameter (complex, at least complex64).
+
+  Scalars and complex moments are not quantized: under
+  :class:`Blockwise8Bit` they are ``float32`` (``complex64``).
+  """
+  if isinstance(store, Blockwise8Bit):
+    if shape and not complex_mean:
+      return store.zeros(shape)
+    return jnp.zeros(shape, jnp.complex64 if complex_mean else jnp.float32)
+  if complex_mean:
+    return jnp.zeros(shape, jnp.promote_types(store, jnp.complex64))
+  return jnp.zeros(shape, store)
+
+
+def load(
+  stored: jax.Array | QuantizedArray,
+  store: MomentStorage,
+  *,
+  second_moment: bool = False,
+) -> jax.Array:
+  """A stored moment's values, in ``float32`` at least."""
+  if isinstance(stored, QuantizedArray):
+    assert isinstance(store, Blockwise8Bit)  # codes are made by one
+    return store.dequantize(stored, second_moment=second_moment)
+  return stored.astype(jnp.promote_types(stored.dtype, jnp.float32))
+
+
+def save(
+  value: jax.Array,
+  like: jax.Array | QuantizedArray,
+  store: MomentStorage,
+  *,
+  second_moment: bool = False,
+) -> jax.Array | QuantizedArray:
+  """``value`` stored as the moment ``like`` is (its codes, or its dtype)."""
+  if isinstance(like, QuantizedArray):
+    assert isinstance(store, Blockwise8Bit)
+    return store.quantize(value, second_moment=second_moment)
+  return value.astype(like.dtype)
