@@ -315,3 +315,32 @@ def test_a_layer_slice_of_8bit_moments_steps_as_the_whole_stack(name):
         layer_state[0].mu, jax.tree.map(pick, new_state[0].mu)
       )
     state = new_state
+
+
+def test_fsdp_splits_codes_and_scales_along_one_axis():
+  """The example's fsdp rule: a block and its scale on one device. 11008
+  columns are 43 blocks, which 4 devices do not divide, so that moment is
+  split on its rank axis instead, codes and scales alike."""
+  from jax.sharding import AbstractMesh
+  from jax.sharding import PartitionSpec as P
+
+  from examples.llama import sharding
+
+  params = {
+    "mlp": jax.ShapeDtypeStruct((8, 64, 11008), jnp.float32),
+    "attention": jax.ShapeDtypeStruct((8, 64, 4096), jnp.float32),
+    "norm": jax.ShapeDtypeStruct((64,), jnp.float32),
+  }
+  tx = grassjax.grassjump(1e-3, rank=32, key=jax.random.key(0), mu_dtype="8bit")
+  state = jax.eval_shape(tx.init, params)
+  specs = jax.tree.map(
+    lambda s: s.spec,
+    sharding.state_shardings(state, AbstractMesh((4,), ("fsdp",)), "fsdp"),
+  )
+  for moment in (specs[0].mu, specs[0].nu):
+    assert moment.codes == moment.scales
+    assert moment.codes["attention"] == P(None, None, "fsdp")
+    assert moment.codes["mlp"] == P(None, "fsdp", None)
+    assert moment.codes["norm"] == P()
+  # The bases, (8, 64, 32), keep the rule of any other array.
+  assert specs[0].basis["mlp"] == P(None, "fsdp", None)
