@@ -156,8 +156,8 @@ def test_every_rule_compiles_with_ao_and_rs_on_and_off(devices, rule):
 
 
 def test_options_compile(devices):
-  """The longer side, bfloat16 moments and bases, the randomized SVD and
-  injected hyperparameters."""
+  """The longer side, bfloat16 moments and bases, 8-bit moments, the
+  randomized SVD and injected hyperparameters."""
   txs = {
     "longer": grassjax.grasswalk(
       1e-2, rank=RANK, key=KEY, projected_side="longer"
@@ -165,6 +165,8 @@ def test_options_compile(devices):
     "bfloat16": grassjax.subtrack_pp(
       1e-2, rank=RANK, mu_dtype=jnp.bfloat16, basis_dtype=jnp.bfloat16
     ),
+    "8-bit": grassjax.grassjump(1e-2, rank=RANK, key=KEY, mu_dtype="8bit"),
+    "8-bit adamw": grassjax.adamw(1e-2, mu_dtype="8bit"),
     "randomized": grassjax.galore(
       1e-2, rank=RANK, key=KEY, svd_method="randomized"
     ),
@@ -177,6 +179,14 @@ def test_options_compile(devices):
 
 def test_presets_compile_sharded_over_four_devices(devices):
   _compile_update(_presets(update_interval=2), devices, layout="fsdp")
+
+
+def test_8bit_moments_compile_sharded_over_four_devices(devices):
+  txs = {
+    "grassjump": grassjax.grassjump(1e-2, rank=RANK, key=KEY, mu_dtype="8bit"),
+    "adamw": grassjax.adamw(1e-2, mu_dtype="8bit"),
+  }
+  _compile_update(txs, devices, layout="fsdp")
 
 
 TINY = dict(
