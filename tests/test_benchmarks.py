@@ -87,3 +87,49 @@ def test_the_keep_step_program_holds_the_keep_path_only():
     assert "conditional" not in text
     calls[count] = re.findall(r'custom_call_target="([^"]*gesdd[^"]*)"', text)
   assert not calls[1] and calls[10]
+
+
+def test_rates_from_a_results_file_of_other_settings_are_refused():
+  import dataclasses
+
+  from examples.llama import config as config_lib
+  from examples.llama.errors import UserError
+
+  cfg = config_lib.TrainConfig(moment_dtype="8bit")
+  recorded = json_config(dataclasses.replace(cfg, moment_dtype="float32"))
+  reference = {"meta": {"config": recorded, "best_lr": {"adamw": 1e-3}}}
+  # Only the moments' storage (and the per-run settings) may differ.
+  assert quality.reference_rates(reference, cfg, ["adamw"]) == {"adamw": 1e-3}
+  other = dataclasses.replace(cfg, steps=cfg.steps + 1)
+  with pytest.raises(UserError, match="--steps"):
+    quality.reference_rates(reference, other, ["adamw"])
+  with pytest.raises(UserError, match="no tuned rate for galore"):
+    quality.reference_rates(reference, cfg, ["adamw", "galore"])
+
+
+def json_config(cfg):
+  import dataclasses
+  import json
+
+  from benchmarks import common
+
+  recorded = json.loads(json.dumps(dataclasses.asdict(cfg.sized())))
+  recorded["data_dir"] = common.display_path(cfg.data_dir)
+  return recorded
+
+
+def test_storage_table_compares_the_same_rate_and_seeds():
+  mine = [
+    {"optimizer": "opt", "lr": 0.01, "seed": s, "final_eval_loss": 2.0 + s}
+    for s in (0, 1)
+  ]
+  theirs = [
+    {"optimizer": "opt", "lr": 0.01, "seed": s, "final_eval_loss": 1.0 + s}
+    for s in (0, 1, 2)
+  ] + [{"optimizer": "opt", "lr": 0.03, "seed": 0, "final_eval_loss": 9.0}]
+  table = quality.storage_table(mine, theirs, {"opt": 0.01}, "8bit")
+  # Seed 2 and the other rate are left out of the float32 side.
+  assert (
+    "| opt | 0.01 | 2.5000 ± 0.7071 | 1.5000 ± 0.7071 | +1.0000 | no |"
+    in (table)
+  )
