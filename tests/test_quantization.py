@@ -282,41 +282,6 @@ def test_flax_nnx_optimizer_keeps_the_codes_and_scales_apart():
   assert mu.scales["w"].shape == (2, 2)
 
 
-@pytest.mark.parametrize("name", ["grassjump", "subtrack_pp"])
-def test_a_layer_slice_of_8bit_moments_steps_as_the_whole_stack(name):
-  """The per-layer (fused) update: slice l of the codes and scales gives
-  slice l of the whole stack's step, the codes bit for bit."""
-  info = grassjax.OPTIMIZERS[name]
-  tx = info.constructor(
-    1e-2,
-    rank=4,
-    key=jax.random.key(0) if info.needs_key else None,
-    update_interval=3,
-    mu_dtype="8bit",
-  )
-  params = {"stack": jax.random.normal(jax.random.key(5), (3, 12, 300))}
-  state = tx.init(params)
-  whole_update = jax.jit(tx.update)
-  layer_update = jax.jit(lambda g, s, i: tx.update(g, s, None, layer=(i, 3)))
-  for step in range(4):
-    grads = _grads(step, params)
-    whole, new_state = whole_update(grads, state, params)
-    for layer in range(3):
-      pick = lambda x, layer=layer: (  # noqa: E731
-        x[layer] if x.ndim and x.shape[0] == 3 else x
-      )
-      update, layer_state = layer_update(
-        jax.tree.map(pick, grads), jax.tree.map(pick, state), jnp.int32(layer)
-      )
-      chex.assert_trees_all_close(
-        update, jax.tree.map(pick, whole), rtol=1e-6, atol=1e-7
-      )
-      chex.assert_trees_all_equal(
-        layer_state[0].mu, jax.tree.map(pick, new_state[0].mu)
-      )
-    state = new_state
-
-
 def test_fsdp_splits_codes_and_scales_along_one_axis():
   """The example's fsdp rule: a block and its scale on one device. 11008
   columns are 43 blocks, which 4 devices do not divide, so that moment is

@@ -357,12 +357,18 @@ def test_stacked_leaf_equals_independent_matrices():
     )
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_layer_slice_update_equals_that_slice_of_the_stack_update(name):
+@pytest.mark.parametrize(
+  "name, mu_dtype",
+  [*((name, None) for name in OPTIMIZERS), ("grassjump", "8bit")],
+)
+def test_layer_slice_update_equals_that_slice_of_the_stack_update(
+  name, mu_dtype
+):
   # The per-layer (fused) update: slice l of every stacked leaf and of the
-  # per-parameter state, the same count and PRNG keys as the whole stack.
+  # per-parameter state (8-bit codes and scales too), the same count and
+  # PRNG keys as the whole stack.
   params = {"s": jax.random.normal(KEY, (3, 8, 14)), "t": jnp.ones((3, 14, 9))}
-  tx = OPTIMIZERS[name](update_interval=2)
+  tx = OPTIMIZERS[name](update_interval=2, mu_dtype=mu_dtype)
   state = tx.init(params)
   whole_update = jax.jit(tx.update)
   layer_update = jax.jit(lambda g, s, i: tx.update(g, s, None, layer=(i, 3)))
