@@ -70,9 +70,10 @@ class QuantizedArray(NamedTuple):
   :class:`grassjax.SubspaceAdamState`).
 
   Attributes:
-    codes: ``uint8``, the array's shape: bit patterns of ``float8_e4m3fn``.
+    codes: ``uint8``, the array's shape: bit patterns of ``float8_e4m3fn``
+      (a first moment) or the unsigned code (a second).
     scales: ``float32``, ``(..., ceil(n / block_size))``: each block's largest
-      magnitude (of the root, for a second moment).
+      magnitude.
   """
 
   codes: jax.Array
