@@ -417,7 +417,7 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, capsys):
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
     (["--warmup", "10", "--steps", "10"], "--warmup"),
     (["--resume"], "--checkpoint-dir"),
-    (["--optimizer", "adamw", "--moment-dtype", "bfloat16"], "low-rank"),
+    (["--optimizer", "adamw", "--basis-dtype", "bfloat16"], "low-rank"),
   ):
     with pytest.raises(SystemExit):
       config_lib.parse_args(argv)
@@ -443,10 +443,11 @@ def test_moment_dtype_sets_the_dtype_of_every_moment(tmp_path):
   assert full and [x.shape for x in full] == [x.shape for x in half]
   assert {x.dtype for x in full} == {jnp.dtype("float32")}
   assert {x.dtype for x in half} == {jnp.dtype("bfloat16")}
-  adamw = config_lib.TrainConfig(moment_dtype="bfloat16").with_optimizer(
-    "adamw"
-  )
-  assert adamw.moment_dtype == "float32"
+  # AdamW keeps the run's moment storage (grassjax.adamw; 8-bit too).
+  adamw = config_lib.TrainConfig(moment_dtype="8bit").with_optimizer("adamw")
+  assert adamw.moment_dtype == "8bit"
+  eight = moments(small_run(tmp_path, optimizer="adamw", moment_dtype="8bit"))
+  assert {x.dtype for x in eight} == {jnp.dtype("uint8"), jnp.dtype("float32")}
 
 
 def test_fsdp_shards_each_state_array_on_its_own_largest_axis():
