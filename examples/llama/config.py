@@ -649,11 +649,10 @@ def base_optimizer(
   (:func:`learning_rate_schedule`) when given.
   """
   lr = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
-  moments: Any = cfg.moment_dtype
-  if moments != "8bit":
-    moments = jnp.dtype(moments)
+  # "float32", "bfloat16" or "8bit": what mu_dtype itself takes.
+  moments = cfg.moment_dtype
   if cfg.optimizer == "adamw":
-    if cfg.moment_dtype == "float32":
+    if moments == "float32":
       return optax.adamw(lr, weight_decay=cfg.weight_decay)
     return grassjax.adamw(lr, weight_decay=cfg.weight_decay, mu_dtype=moments)
   info = grassjax.OPTIMIZERS[cfg.optimizer]
