@@ -40,31 +40,9 @@ from examples.llama import step as step_lib
 from grassjax import quantization
 
 
-def _values(moment, second: bool) -> list[jax.Array]:
-  """A state's moment as float32 arrays, one per parameter."""
-  if not isinstance(moment, quantization.QuantizedArray):
-    return jax.tree.leaves(moment)
-  store = quantization.Blockwise8Bit()
-  pairs = zip(
-    jax.tree.leaves(moment.codes),
-    jax.tree.leaves(moment.scales, is_leaf=_masked),
-    strict=True,
-  )
-  return [
-    codes
-    if _masked(scales)
-    else store.dequantize(
-      quantization.QuantizedArray(codes, scales), second_moment=second
-    )
-    for codes, scales in pairs
-  ]
-
-
-def _masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _relative(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+def _relative(a, b) -> jax.Array:
+  """``||a - b|| / ||b||`` over every leaf of two trees alike."""
+  a, b = jax.tree.leaves(a), jax.tree.leaves(b)
   num = sum(jnp.sum(jnp.abs(x - y) ** 2) for x, y in zip(a, b, strict=True))
   den = sum(jnp.sum(jnp.abs(y) ** 2) for y in b)
   return jnp.sqrt(num / den)
@@ -104,6 +82,7 @@ def run(cfg: config_lib.TrainConfig, every: int) -> list[dict]:
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.as_pure(params)
   exact, eight = _optimizer(cfg, "float32"), _optimizer(cfg, "8bit")
+  eight_store = quantization.storage("mu_dtype", "8bit")
 
   @jax.jit
   def step(params, exact_state, eight_state, tokens):
@@ -116,12 +95,16 @@ def run(cfg: config_lib.TrainConfig, every: int) -> list[dict]:
     updates, exact_state = exact.update(grads, exact_state, params)
     shadow, eight_state = eight.update(grads, eight_state, params)
     a, b = _adam_state(eight_state), _adam_state(exact_state)
-    errors = {
-      "loss": loss,
-      "mu": _relative(_values(a.mu, False), _values(b.mu, False)),
-      "nu": _relative(_values(a.nu, True), _values(b.nu, True)),
-      "update": _relative(jax.tree.leaves(shadow), jax.tree.leaves(updates)),
-    }
+    errors = {"loss": loss, "update": _relative(shadow, updates)}
+    for name, second in (("mu", False), ("nu", True)):
+      errors[name] = _relative(
+        *(
+          quantization.moment_values(
+            getattr(s, name), store, second_moment=second
+          )
+          for s, store in ((a, eight_store), (b, jnp.float32))
+        )
+      )
     return (
       optax.apply_updates(params, updates),
       exact_state,

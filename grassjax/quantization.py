@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from grassjax import _checks
 
@@ -232,3 +233,63 @@ def save(
     assert isinstance(store, Blockwise8Bit)
     return store.quantize(value, second_moment=second_moment)
   return value.astype(like.dtype)
+
+
+def split_moment(treedef: Any, moment: Any) -> list:
+  """A state's moment (a tree of arrays, or a :class:`QuantizedArray` of a
+  codes tree and a scales tree) as one entry per parameter of ``treedef``:
+  an array, or a quantized parameter's :class:`QuantizedArray`."""
+  if not isinstance(moment, QuantizedArray):
+    return treedef.flatten_up_to(moment)
+  return [
+    codes
+    if isinstance(scales, optax.MaskedNode)
+    else QuantizedArray(codes, scales)
+    for codes, scales in zip(
+      treedef.flatten_up_to(moment.codes),
+      treedef.flatten_up_to(moment.scales),
+      strict=True,
+    )
+  ]
+
+
+def join_moment(treedef: Any, entries: list, store: MomentStorage) -> Any:
+  """Inverse of :func:`split_moment`.
+
+  Under :class:`Blockwise8Bit` one :class:`QuantizedArray` of two trees, the
+  codes' and the scales' (a masked scale for an entry that is not
+  quantized), so that every parameter's entry in each tree is one array, as
+  optax's and flax's tree code expects (``flax.nnx.Optimizer`` would turn a
+  per-parameter tuple into a ``State``).
+  """
+  if not isinstance(store, Blockwise8Bit):
+    return treedef.unflatten(entries)
+  quantized = [isinstance(x, QuantizedArray) for x in entries]
+  return QuantizedArray(
+    treedef.unflatten(
+      [x.codes if q else x for x, q in zip(entries, quantized, strict=True)]
+    ),
+    treedef.unflatten(
+      [
+        x.scales if q else optax.MaskedNode()
+        for x, q in zip(entries, quantized, strict=True)
+      ]
+    ),
+  )
+
+
+def moment_values(
+  moment: Any, store: MomentStorage, *, second_moment: bool = False
+) -> Any:
+  """A state's moment as a tree of its values (``float32`` at least), shaped
+  as the parameters; ``store`` is the moment's ``mu_dtype`` / ``nu_dtype``
+  storage (see :func:`storage`)."""
+  codes = moment.codes if isinstance(moment, QuantizedArray) else moment
+  treedef = jax.tree.structure(codes)
+  return jax.tree.unflatten(
+    treedef,
+    [
+      load(entry, store, second_moment=second_moment)
+      for entry in split_moment(treedef, moment)
+    ],
+  )

@@ -379,56 +379,18 @@ def _unzip(treedef, rows: list[tuple], storages: tuple[Any, ...]) -> list:
   """Per-leaf tuples as one tree per position.
 
   ``storages[k]`` is the moment storage of position ``k`` (its tree is built
-  by :func:`_moment_tree`), or ``None`` for a plain tree. A tree with no
-  leaves (``{}``, or the placeholder of ``optax.tree.map_params``) gives
-  empty trees of its structure.
+  by :func:`grassjax.quantization.join_moment`), or ``None`` for a plain
+  tree. A tree with no leaves (``{}``, or the placeholder of
+  ``optax.tree.map_params``) gives empty trees of its structure.
   """
   width = len(storages)
   columns = zip(*rows, strict=True) if rows else [()] * width
   return [
     treedef.unflatten(list(column))
     if storage is None
-    else _moment_tree(treedef, list(column), storage)
+    else quant.join_moment(treedef, list(column), storage)
     for column, storage in zip(columns, storages, strict=True)
   ]
-
-
-def _moment_leaves(treedef, moment: Any) -> list:
-  """A moment's per-parameter entries: arrays, or a quantized parameter's
-  ``QuantizedArray`` of its codes and scales."""
-  if not isinstance(moment, quant.QuantizedArray):
-    return treedef.flatten_up_to(moment)
-  return [
-    codes
-    if isinstance(scales, optax.MaskedNode)
-    else quant.QuantizedArray(codes, scales)
-    for codes, scales in zip(
-      treedef.flatten_up_to(moment.codes),
-      treedef.flatten_up_to(moment.scales),
-      strict=True,
-    )
-  ]
-
-
-def _moment_tree(treedef, leaves: list, storage: quant.MomentStorage) -> Any:
-  """Inverse of :func:`_moment_leaves`: under 8-bit storage one
-  ``QuantizedArray`` of two trees, the codes' and the scales' (a masked
-  scale for a moment that is not quantized), so that every parameter's entry
-  in each tree is one array, as optax's and flax's tree code expects."""
-  if not isinstance(storage, quant.Blockwise8Bit):
-    return treedef.unflatten(leaves)
-  quantized = [isinstance(x, quant.QuantizedArray) for x in leaves]
-  return quant.QuantizedArray(
-    treedef.unflatten(
-      [x.codes if q else x for x, q in zip(leaves, quantized, strict=True)]
-    ),
-    treedef.unflatten(
-      [
-        x.scales if q else optax.MaskedNode()
-        for x, q in zip(leaves, quantized, strict=True)
-      ]
-    ),
-  )
 
 
 class _Config(NamedTuple):
@@ -509,8 +471,8 @@ def _update_state(
   grads, treedef = jax.tree.flatten(updates)
   per_leaf_state = list(
     zip(
-      _moment_leaves(treedef, state.mu),
-      _moment_leaves(treedef, state.nu),
+      quant.split_moment(treedef, state.mu),
+      quant.split_moment(treedef, state.nu),
       treedef.flatten_up_to(state.basis),
       treedef.flatten_up_to(state.recovery_norm),
       strict=True,
