@@ -97,14 +97,10 @@ def run(cfg: config_lib.TrainConfig, every: int) -> list[dict]:
     a, b = _adam_state(eight_state), _adam_state(exact_state)
     errors = {"loss": loss, "update": _relative(shadow, updates)}
     for name, second in (("mu", False), ("nu", True)):
-      errors[name] = _relative(
-        *(
-          quantization.moment_values(
-            getattr(s, name), store, second_moment=second
-          )
-          for s, store in ((a, eight_store), (b, jnp.float32))
-        )
+      values = quantization.moment_values(
+        getattr(a, name), eight_store, second_moment=second
       )
+      errors[name] = _relative(values, getattr(b, name))
     return (
       optax.apply_updates(params, updates),
       exact_state,
