@@ -307,7 +307,7 @@ def table(records: list[dict]) -> str:
       if (r["model"], r["target"]) == (model, target)
     )
     out.append(
-      f"### {model}, one block's projected kernels ({n:,} parameters, rank"
+      f"## {model}, one block's projected kernels ({n:,} parameters, rank"
       f" {PAPER_RANKS[model]}), {target}\n\n"
       + common.markdown_table(
         (
