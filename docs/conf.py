@@ -1,0 +1,108 @@
+"""Sphinx configuration of grassjax's documentation.
+
+Build: ``python -m sphinx -W -b html docs docs/_build/html`` (and ``-b doctest``
+for the docstrings' and guides' examples).
+
+The README, the example's README, the notebooks and the benchmark results
+are pages of the site as they are in the repository: each build copies them
+into ``docs/`` at their paths relative to the repository's root (the copies
+are not committed), so the relative links between them hold both on GitHub
+and here.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# JAX on the CPU, whatever compilers are installed (as in conftest.py): the
+# doctests and autodoc imports need no accelerator.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+sys.path.insert(0, os.path.abspath(".."))
+
+import grassjax
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+REPOSITORY_PAGES = (
+  "README.md",
+  "examples/llama/README.md",
+  "benchmarks/results/*.md",
+  "benchmarks/results/*.png",
+  "notebooks/*.ipynb",
+)
+
+
+def _copy_repository_pages() -> None:
+  """Copies each of ``REPOSITORY_PAGES`` to the same path under ``docs/``,
+  and removes copies whose source is gone."""
+  wanted = {
+    DOCS / path.relative_to(ROOT): path
+    for pattern in REPOSITORY_PAGES
+    for path in ROOT.glob(pattern)
+  }
+  for top in ("examples", "benchmarks", "notebooks"):
+    for stale in (DOCS / top).rglob("*"):
+      if stale.is_file() and stale not in wanted:
+        stale.unlink()
+  for copy, source in wanted.items():
+    if not copy.exists() or copy.read_bytes() != source.read_bytes():
+      copy.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(source, copy)
+
+
+_copy_repository_pages()
+
+project = "grassjax"
+author = "grassjax authors"
+copyright = "2026, grassjax authors"
+release = version = grassjax.__version__
+
+extensions = [
+  "sphinx.ext.autodoc",
+  "sphinx.ext.doctest",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  "myst_nb",
+]
+
+root_doc = "index"
+include_patterns = [
+  "index.md",
+  "api/*.rst",
+  "guides/*.md",
+  "guides/*.rst",
+  "README.md",
+  "examples/llama/README.md",
+  "benchmarks/results/*.md",
+  "notebooks/*.ipynb",
+]
+exclude_patterns = ["_build"]
+
+# The notebooks are committed executed (the tests run them); the site shows
+# their stored outputs rather than running them again.
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "colon_fence"]
+myst_heading_anchors = 3
+
+autodoc_default_options = {"members": True, "member-order": "bysource"}
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+# A NamedTuple's "Attributes:" become fields of its description; autodoc
+# documents each field's accessor already.
+napoleon_use_ivar = True
+add_module_names = False
+
+doctest_global_setup = """
+import os
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+"""
+
+html_theme = "sphinx_book_theme"
+html_title = "grassjax"
+html_theme_options = {"show_toc_level": 2}
