@@ -93,16 +93,46 @@ autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-# A NamedTuple's "Attributes:" become fields of its description; autodoc
-# documents each field's accessor already.
+# A NamedTuple's "Attributes:" become fields of its description (their
+# types are in the prose), and its field accessors are not listed again.
 napoleon_use_ivar = True
-add_module_names = False
+napoleon_attr_annotations = False
+# The annotations' aliases as written, not expanded into their unions
+# (jax.typing.ArrayLike alone is a union of nine types). Not DTypeLike:
+# autodoc writes an alias inside a union by its repr, and DTypeLike's own
+# union is short.
+autodoc_type_aliases = {
+  name: name
+  for name in (
+    "jax.typing.ArrayLike",
+    "optax.ScalarOrSchedule",
+    "optax.Params",
+    "optax.Updates",
+    "optax.Schedule",
+  )
+} | {
+  name: f"grassjax.{module}.{name}"
+  for module, names in (
+    ("layout", ("MaskOrFn", "DimensionNumbersOrFn", "ProjectedSide")),
+    ("subspace", ("SvdMethod", "InitFn", "UpdateFn")),
+  )
+  for name in names
+}
 
-doctest_global_setup = """
-import os
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-"""
+add_module_names = False
 
 html_theme = "sphinx_book_theme"
 html_title = "grassjax"
 html_theme_options = {"show_toc_level": 2}
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """Skips a NamedTuple's field accessors ("Alias for field number 0"): the
+  class's own docstring describes its fields."""
+  if what == "class" and (obj.__doc__ or "").startswith("Alias for field"):
+    return True
+  return None
+
+
+def setup(app):
+  app.connect("autodoc-skip-member", _skip_namedtuple_fields)

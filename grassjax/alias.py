@@ -17,6 +17,8 @@ preset                subspace rule  interval  AO   RS   key
 its defaults, for code that picks an optimizer by name.
 """
 
+from __future__ import annotations
+
 import inspect
 import types
 from collections.abc import Callable, Mapping

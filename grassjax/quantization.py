@@ -31,7 +31,7 @@ zero.
 An entry keeps a relative precision of ``2^-5`` from ``b`` down to
 ``2^-16`` of it (its root, which Adam divides by, half that). A positive
 entry is never stored as zero: below the smallest code it rounds up to it,
-``1.125 \cdot 2^{-16} b``, which can only shorten its step. (A ``V``
+:math:`1.125 \cdot 2^{-16} b`, which can only shorten its step. (A ``V``
 rounded to zero would turn Adam's :math:`M / (\sqrt V + \epsilon)` into
 :math:`M / \epsilon`.) The code is computed from the bits of the float32
 ratio, by integer rounding of its mantissa.
