@@ -17,8 +17,8 @@ preset                subspace rule  interval  AO   RS   key
 its defaults, for code that picks an optimizer by name.
 """
 
-from __future__ import annotations
-
+# Annotations stay objects here (no postponed evaluation): optax's suite
+# reads learning_rate's annotation to know that a preset takes schedules.
 import inspect
 import types
 from collections.abc import Callable, Mapping

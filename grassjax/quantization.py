@@ -36,6 +36,16 @@ rounded to zero would turn Adam's :math:`M / (\sqrt V + \epsilon)` into
 :math:`M / \epsilon`.) The code is computed from the bits of the float32
 ratio, by integer rounding of its mantissa.
 
+Adam's second moment moves by ``1 - b2`` of itself a step (0.1% at
+``b2 = 0.999``), far less than a code's step (3%): rounded to nearest, an
+entry would stay where it is until its gradient's square changed it by half
+a step at once, so a decaying ``V`` would stick (too large) and only spikes
+would register, an error that grows over training. The optimizers therefore
+round ``V``'s codes stochastically (:class:`StochasticRounding`): up with
+the probability of the ratio's distance from the code below, so each code
+is unbiased and ``V`` moves by its mean. The first moment, which ``b1 = 0.9``
+moves by 10% a step, is rounded to nearest.
+
 References:
   Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR
   2022), for block-wise scaling and dynamic codes; Li et al., "Memory
@@ -46,6 +56,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -58,9 +69,56 @@ _CODE = jnp.float8_e4m3fn  # of the first moment
 _LARGEST = 448.0  # its largest finite value
 # The second moment's code: a float32 ratio in (0, 1] keeps its exponent and
 # 4 mantissa bits, bits 19 and up (rounded to nearest by adding half of bit
-# 19); 1.0 (exponent 127, mantissa 0) becomes code 255.
+# 19, or stochastically by adding 19 random bits); 1.0 (exponent 127,
+# mantissa 0) becomes code 255.
 _KEPT = 19
 _OFFSET = (127 << 4) - 255
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """A bijective hash of ``uint32`` words (lowbias32, by C. Wellons): each
+  output bit depends on every input bit."""
+  x = x.astype(jnp.uint32)
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+class StochasticRounding(NamedTuple):
+  """Stochastic rounding of a second moment's codes (see the module's
+  docstring).
+
+  Entry ``p`` of a moment (its flat position in the whole moment, all its
+  stacked matrices included) draws 32 random bits ``hash(seed, p)``, so a
+  slice of a stacked moment rounds as the whole stack would, given the
+  offset of its first entry.
+
+  Attributes:
+    seed: ``uint32`` scalar, one per parameter and step (:meth:`seeded`).
+    offset: ``uint32`` scalar, the flat position of the rounded array's
+      first entry in its whole moment.
+  """
+
+  seed: jax.Array
+  offset: jax.typing.ArrayLike = 0
+
+  @classmethod
+  def seeded(cls, *words: jax.typing.ArrayLike) -> StochasticRounding:
+    """The rounding whose seed hashes ``words`` (integers or ``uint32``
+    arrays, such as a PRNG key's data, a parameter's index and the step)."""
+    seed = jnp.uint32(0)
+    for word in words:
+      for part in jnp.ravel(jnp.asarray(word).astype(jnp.uint32)):
+        seed = _mix(seed ^ part)
+    return cls(seed)
+
+  def bits(self, shape: tuple[int, ...]) -> jax.Array:
+    """``uint32`` random bits for each entry of an array of ``shape``."""
+    size = math.prod(shape)
+    positions = jnp.asarray(self.offset, jnp.uint32) + jnp.arange(
+      size, dtype=jnp.uint32
+    )
+    return _mix(_mix(positions ^ self.seed)).reshape(shape)
 
 
 class QuantizedArray(NamedTuple):
@@ -121,17 +179,23 @@ class Blockwise8Bit:
     return x.reshape(*x.shape[:-1], -1, self.block_size)
 
   def quantize(
-    self, x: jax.Array, *, second_moment: bool = False
+    self,
+    x: jax.Array,
+    *,
+    second_moment: bool = False,
+    rounding: StochasticRounding | None = None,
   ) -> QuantizedArray:
     """Codes of ``x`` ``(..., n)``: a first moment, or with
-    ``second_moment`` a second moment (never negative)."""
+    ``second_moment`` a second moment (never negative), whose codes are
+    rounded to nearest, or stochastically with ``rounding``."""
     x = x.astype(jnp.float32)
     blocks = self._blocks(x)
     scales = jnp.max(jnp.abs(blocks), axis=-1)
     # An all-zero block has scale 0 and zero codes.
     inverse = jnp.where(scales > 0, 1 / scales, 0.0)[..., None]
     if second_moment:
-      codes = _encode_unsigned(blocks * inverse)
+      noise = None if rounding is None else self._blocks(rounding.bits(x.shape))
+      codes = _encode_unsigned(blocks * inverse, noise)
     else:
       scaled = jnp.clip(blocks * (_LARGEST * inverse), -_LARGEST, _LARGEST)
       codes = jax.lax.bitcast_convert_type(scaled.astype(_CODE), jnp.uint8)
@@ -150,10 +214,19 @@ class Blockwise8Bit:
     return values * (scales / _LARGEST)
 
 
-def _encode_unsigned(ratio: jax.Array) -> jax.Array:
-  """The second moment's ``uint8`` codes of ratios in ``[0, 1]``."""
+def _encode_unsigned(
+  ratio: jax.Array, noise: jax.Array | None = None
+) -> jax.Array:
+  """The second moment's ``uint8`` codes of ratios in ``[0, 1]``: rounded to
+  nearest, or stochastically given ``noise``, ``uint32`` random bits."""
   bits = jax.lax.bitcast_convert_type(ratio, jnp.int32)
-  rounded = (bits + (1 << (_KEPT - 1))) >> _KEPT
+  if noise is None:
+    increment = jnp.int32(1 << (_KEPT - 1))
+  else:
+    # Uniform on [0, 2^KEPT): the dropped bits carry into the kept ones with
+    # the probability of their value.
+    increment = (noise >> (32 - _KEPT)).astype(jnp.int32)
+  rounded = (bits + increment) >> _KEPT
   codes = jnp.clip(rounded - _OFFSET, 1, 255)
   return jnp.where(ratio > 0, codes, 0).astype(jnp.uint8)
 
@@ -227,11 +300,13 @@ def save(
   store: MomentStorage,
   *,
   second_moment: bool = False,
+  rounding: StochasticRounding | None = None,
 ) -> jax.Array | QuantizedArray:
-  """``value`` stored as the moment ``like`` is (its codes, or its dtype)."""
+  """``value`` stored as the moment ``like`` is (its codes, or its dtype);
+  ``rounding`` applies to a second moment's codes."""
   if isinstance(like, QuantizedArray):
     assert isinstance(store, Blockwise8Bit)
-    return store.quantize(value, second_moment=second_moment)
+    return store.quantize(value, second_moment=second_moment, rounding=rounding)
   return value.astype(like.dtype)
 
 

@@ -22,6 +22,7 @@ and the loop over parameters.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -106,11 +107,14 @@ class _StepConfig(NamedTuple):
       quant.load(nu, self.nu_storage, second_moment=True),
     )
 
-  def save(self, mu, nu, like_mu, like_nu) -> tuple[Any, Any]:
-    """``mu`` and ``nu`` stored as ``like_mu`` and ``like_nu`` are."""
+  def save(self, mu, nu, like_mu, like_nu, rounding=None) -> tuple[Any, Any]:
+    """``mu`` and ``nu`` stored as ``like_mu`` and ``like_nu`` are; 8-bit
+    codes of ``nu`` are rounded stochastically with ``rounding``."""
     return (
       quant.save(mu, like_mu, self.mu_storage),
-      quant.save(nu, like_nu, self.nu_storage, second_moment=True),
+      quant.save(
+        nu, like_nu, self.nu_storage, second_moment=True, rounding=rounding
+      ),
     )
 
 
@@ -185,11 +189,13 @@ def _matrix_step(
   basis: jax.Array,
   recovery_norm: jax.Array | None,
   key: jax.Array | None,
+  rounding: quant.StochasticRounding | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """One projected matrix's step: ``grad`` is a view (see ``MatrixLayout``).
 
   Returns the update (the view's shape and dtype) and the new ``mu``, ``nu``,
   ``basis`` and ``recovery_norm`` (``None`` without recovery scaling).
+  ``rounding`` rounds 8-bit codes of ``nu`` (``None``: no 8-bit ``nu``).
   """
   c = config
   t = optax.safe_increment(count)
@@ -203,6 +209,7 @@ def _matrix_step(
     (1 - c.b2) * jnp.square(grad_low) + c.b2 * old_nu,
     mu,
     nu,
+    rounding,
   )
   # The direction of the moments as stored, so a resumed run repeats it.
   direction = moments.adam_direction(*c.load(mu, nu), t, c.b1, c.b2, c.eps)
@@ -239,23 +246,33 @@ def _projected_leaf(
   basis: jax.Array,
   recovery_norm: Any,
   keys: jax.Array | None,
+  rounding: quant.StochasticRounding | None,
 ) -> tuple[Any, ...]:
   """:func:`_matrix_step` on every matrix of a projected parameter.
 
   Returns ``(update, mu, nu, basis, recovery_norm)`` in the parameter's and
   the state's shapes; a masked ``recovery_norm`` (recovery scaling off)
-  comes back as it was.
+  comes back as it was. ``rounding`` is that of ``nu``'s first entry.
   """
   masked = isinstance(recovery_norm, optax.MaskedNode)
-  stacks = (mu, nu, basis, None if masked else recovery_norm)
-  step = functools.partial(_matrix_step, config, layout, branch, count)
+  stacks = tuple(
+    jax.tree.map(layout.flatten_batch, x)
+    for x in (mu, nu, basis, None if masked else recovery_norm)
+  )
+  offsets = None
+  if rounding is not None:
+    matrix_size = math.prod(jax.tree.leaves(stacks[1])[0].shape[1:])
+    offsets = rounding.offset + matrix_size * jnp.arange(
+      layout.num_matrices, dtype=jnp.uint32
+    )
+
+  def step(*args):
+    *args, offset = args
+    at = None if rounding is None else rounding._replace(offset=offset)
+    return _matrix_step(config, layout, branch, count, *args, at)
+
   update, *new_state = layout_lib.for_each_matrix(
-    step,
-    (
-      layout.to_views(grad),
-      *(jax.tree.map(layout.flatten_batch, x) for x in stacks),
-    ),
-    (keys,),
+    step, (layout.to_views(grad), *stacks), (keys, offsets)
   )
   new_mu, new_nu, new_basis, new_norm = (
     jax.tree.map(layout.unflatten_batch, x) for x in new_state
@@ -270,7 +287,9 @@ def _projected_leaf(
   )
 
 
-def _adam_leaf(config: _StepConfig, grad, mu, nu, count) -> tuple[Any, ...]:
+def _adam_leaf(
+  config: _StepConfig, grad, mu, nu, count, rounding
+) -> tuple[Any, ...]:
   """Plain Adam for a parameter that is not projected: ``(update, mu, nu)``.
 
   In float32 at least, as the projected leaves: a bfloat16 gradient would
@@ -285,7 +304,7 @@ def _adam_leaf(config: _StepConfig, grad, mu, nu, count) -> tuple[Any, ...]:
   new_mu = (1 - b1) * g + b1 * old_mu
   g_sq = jnp.square(g) if jnp.isrealobj(g) else (g.conj() * g).real
   new_nu = (1 - b2) * g_sq + b2 * old_nu
-  mu, nu = config.save(new_mu, new_nu, mu, nu)
+  mu, nu = config.save(new_mu, new_nu, mu, nu, rounding)
   t = optax.safe_increment(count)
   direction = moments.adam_direction(new_mu, new_nu, t, b1, b2, config.eps)
   return direction.astype(grad.dtype), mu, nu
@@ -316,6 +335,31 @@ def _matrix_keys(
   keys = jax.random.split(leaf_key, layers * layout.num_matrices)
   keys = keys.reshape(layers, layout.num_matrices)
   return jax.lax.dynamic_index_in_dim(keys, index, keepdims=False)
+
+
+def _rounding(
+  config: _StepConfig,
+  key_data: jax.Array | None,
+  leaf_index: int,
+  count: jax.Array,
+  nu: Any,
+  layer: tuple[jax.Array, int] | None,
+) -> quant.StochasticRounding | None:
+  """The stochastic rounding of leaf ``leaf_index``'s 8-bit ``nu`` on this
+  step (``None`` when it is not 8-bit): seeded by the optimizer's key (if
+  any), the leaf's index and the step count; a per-layer call's slice starts
+  at its offset in the whole stack, so it rounds as the whole-stack step."""
+  if not isinstance(nu, quant.QuantizedArray):
+    return None
+  words = (
+    (leaf_index, count) if key_data is None else (key_data, leaf_index, count)
+  )
+  rounding = quant.StochasticRounding.seeded(*words)
+  if layer is None:
+    return rounding
+  index, _ = layer
+  offset = jnp.asarray(index, jnp.uint32) * jnp.uint32(nu.codes.size)
+  return rounding._replace(offset=offset)
 
 
 def _stagger_offsets(
@@ -487,16 +531,17 @@ def _update_state(
   for i, (grad, layout, (mu, nu, basis, rnorm)) in enumerate(
     zip(grads, layouts, per_leaf_state, strict=True)
   ):
+    key_data = None if config.key_data is None else state.key
+    rounding = _rounding(step, key_data, i, count, nu, layer)
     if layout is None:
-      adam = _adam_leaf(step, grad, mu, nu, count)
+      adam = _adam_leaf(step, grad, mu, nu, count, rounding)
       rows.append((*adam, basis, rnorm))
       continue
     branch = _basis_branch(count, offsets[i], config.update_interval)
-    key_data = None if config.key_data is None else state.key
     keys = _matrix_keys(key_data, config.key_impl, i, count, layout, layer)
     rows.append(
       _projected_leaf(
-        step, layout, branch, count, grad, mu, nu, basis, rnorm, keys
+        step, layout, branch, count, grad, mu, nu, basis, rnorm, keys, rounding
       )
     )
   storages = (step.mu_storage, step.nu_storage)

@@ -82,6 +82,87 @@ def test_second_moment_is_never_negative_nor_rounded_to_zero(n, seed, decades):
   np.testing.assert_array_equal(jnp.max(back, -1), jnp.max(v, -1))
 
 
+def test_stochastic_codes_of_the_second_moment_are_unbiased():
+  """Each draw is one of the two codes around an entry; their mean is the
+  entry, where rounding to nearest keeps a bias of up to half a step. A
+  seed repeats its codes, and a slice rounds as the whole given its
+  offset."""
+  rng = np.random.default_rng(0)
+  v = jnp.asarray(np.exp(rng.uniform(-6, 0, (4, 64))), jnp.float32)
+
+  def draw(seed, x=v, offset=0):
+    rounding = quantization.StochasticRounding.seeded(seed)._replace(
+      offset=offset
+    )
+    q = BLOCK.quantize(x, second_moment=True, rounding=rounding)
+    return q, BLOCK.dequantize(q, second_moment=True)
+
+  draws = jax.vmap(lambda s: draw(s)[1])(jnp.arange(2000))
+  # A code's step is 2^-4 of the entry at most (16 codes a binade).
+  assert jnp.all(jnp.abs(draws - v) <= 2.0**-4 * v * (1 + 1e-6))
+  bias = jnp.abs(draws.mean(0) - v) / v
+  nearest = BLOCK.dequantize(
+    BLOCK.quantize(v, second_moment=True), second_moment=True
+  )
+  assert float(bias.max()) < 4e-3 < float(jnp.max(jnp.abs(nearest - v) / v))
+  chex.assert_trees_all_equal(draw(7)[0], draw(7)[0])
+  assert not np.array_equal(draw(7)[0].codes, draw(8)[0].codes)
+  whole, _ = draw(3)
+  rows, _ = draw(3, v[2:], offset=2 * v.shape[1])
+  chex.assert_trees_all_equal(rows.codes, whole.codes[2:])
+
+
+def test_8bit_second_moment_follows_a_decaying_gradient_over_a_long_run():
+  """b2 = 0.999 moves V by 0.1% a step, far below a code's step: rounded to
+  nearest, the entries whose gradient decays while their block's largest
+  stays stick (the scale follows the largest alone); with the optimizers'
+  stochastic codes they follow float32's."""
+  rng = np.random.default_rng(1)
+  pattern = jnp.asarray(
+    rng.standard_normal((4, 512)) * np.exp(rng.uniform(-3, 0, (4, 512))),
+    jnp.float32,
+  )
+  decays = jnp.asarray(rng.uniform(size=(4, 512)) < 0.5)
+  params = {"w": jnp.zeros((4, 512))}
+  store = quantization.storage("nu_dtype", "8bit")
+
+  def gradient(t):
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(2), t))
+    return pattern * jnp.where(decays, 0.997**t, 1.0) * (1 + 0.3 * noise)
+
+  def final_nu(mu_dtype):
+    tx = grassjax.adamw(1e-3, mu_dtype=mu_dtype)
+
+    def step(state, t):
+      return tx.update({"w": gradient(t)}, state, params)[1], None
+
+    state, _ = jax.lax.scan(step, tx.init(params), jnp.arange(1500))
+    return quantization.moment_values(
+      state[0].nu, store if mu_dtype else None, second_moment=True
+    )["w"]
+
+  def nearest_nu():
+    def step(nu, t):
+      v = store.dequantize(nu, second_moment=True)
+      v = 0.999 * v + 0.001 * jnp.square(gradient(t))
+      return store.quantize(v, second_moment=True), None
+
+    nu, _ = jax.lax.scan(step, store.zeros(pattern.shape), jnp.arange(1500))
+    return store.dequantize(nu, second_moment=True)
+
+  exact = jax.jit(final_nu, static_argnums=0)(None)
+
+  def error(nu):
+    return float(
+      jnp.linalg.norm(jnp.sqrt(nu) - jnp.sqrt(exact))
+      / jnp.linalg.norm(jnp.sqrt(exact))
+    )
+
+  stochastic = error(jax.jit(final_nu, static_argnums=0)("8bit"))
+  nearest = error(jax.jit(nearest_nu)())
+  assert stochastic < 0.05 and nearest > 5 * stochastic, (stochastic, nearest)
+
+
 def test_zero_blocks_saturation_and_non_finite_values():
   x = jnp.array([[0.0] * 8 + [3.0, -448.0, 1e30] + [0.0] * 5])
   back = BLOCK.dequantize(BLOCK.quantize(x))

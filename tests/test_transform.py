@@ -367,7 +367,13 @@ def test_layer_slice_update_equals_that_slice_of_the_stack_update(
   # The per-layer (fused) update: slice l of every stacked leaf and of the
   # per-parameter state (8-bit codes and scales too), the same count and
   # PRNG keys as the whole stack.
-  params = {"s": jax.random.normal(KEY, (3, 8, 14)), "t": jnp.ones((3, 14, 9))}
+  # "n" is a stack of vectors, which take plain Adam (8-bit: its stochastic
+  # codes too must round as the whole stack's).
+  params = {
+    "s": jax.random.normal(KEY, (3, 8, 14)),
+    "t": jnp.ones((3, 14, 9)),
+    "n": jax.random.normal(KEY, (3, 300)),
+  }
   tx = OPTIMIZERS[name](update_interval=2, mu_dtype=mu_dtype)
   state = tx.init(params)
   whole_update = jax.jit(tx.update)
