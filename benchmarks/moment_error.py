@@ -135,6 +135,51 @@ def run(cfg: config_lib.TrainConfig, every: int) -> list[dict]:
   return records
 
 
+def _cell(value: float) -> str:
+  # A relative error is undefined where the float32 quantity is zero: the
+  # update at step 1, where the warm-up's learning rate is still 0.
+  return f"{value:.4f}" if math.isfinite(value) else "-"
+
+
+def report(
+  records: list[dict], budget: str, rates: dict[str, float], rates_from: str
+) -> str:
+  """The markdown tables of ``records`` (from :func:`run`)."""
+  names = list(dict.fromkeys(r["optimizer"] for r in records))
+  steps = sorted({r["step"] for r in records})
+  shown = [s for s in steps if s in (steps[0], steps[-1]) or s % 200 == 0]
+  rows = []
+  for name in names:
+    for kind in ("mu", "nu", "update"):
+      by_step = {r["step"]: r[kind] for r in records if r["optimizer"] == name}
+      rows.append((name, kind, *(_cell(by_step[s]) for s in shown)))
+  late = [
+    r
+    for r in records
+    if r["step"] > steps[-1] // 2 and math.isfinite(r["update"])
+  ]
+  text = (
+    f"Budget: {budget}; each optimizer at its tuned rate"
+    f" ({', '.join(f'{n} {rates[n]:g}' for n in names)}, {rates_from})."
+    " Relative Frobenius error of the 8-bit run's moments and update against"
+    " the float32 run's, fed the same gradients; the second moment's codes"
+    " are rounded stochastically, the first moment's to nearest. -: undefined"
+    " (the float32 update is zero at step 1, where the warm-up's rate is"
+    " 0).\n\n"
+    + common.markdown_table(
+      ("optimizer", "quantity", *(f"step {s}" for s in shown)), rows
+    )
+    + "\n"
+  )
+  if late:
+    worst = max(late, key=lambda r: r["update"])
+    text += (
+      f"\nLargest update error in the second half: {worst['update']:.4f}"
+      f" ({worst['optimizer']}, step {worst['step']}).\n"
+    )
+  return text
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="tiny")
@@ -159,34 +204,7 @@ def main(argv=None) -> None:
     )
   ]
   budget = common.run_budget(cfg).rsplit(", lr", 1)[0]
-  names = list(dict.fromkeys(r["optimizer"] for r in records))
-  steps = sorted({r["step"] for r in records})
-  shown = [s for s in steps if s in (steps[0], steps[-1]) or s % 200 == 0]
-  rows = []
-  for name in names:
-    for kind in ("mu", "nu", "update"):
-      by_step = {r["step"]: r[kind] for r in records if r["optimizer"] == name}
-      rows.append((name, kind, *(f"{by_step[s]:.4f}" for s in shown)))
-  late = [
-    r for r in records if r["step"] > args.steps // 2 and math.isfinite(r["mu"])
-  ]
-  text = (
-    f"Budget: {budget}; each optimizer at its tuned rate"
-    f" ({', '.join(f'{n} {rates[n]:g}' for n in names)},"
-    f" {common.display_path(args.rates_from)}). Relative Frobenius error of"
-    " the 8-bit run's moments and update against the float32 run's, fed the"
-    " same gradients.\n\n"
-    + common.markdown_table(
-      ("optimizer", "quantity", *(f"step {s}" for s in shown)), rows
-    )
-    + "\n"
-  )
-  if late:
-    worst = max(late, key=lambda r: r["update"])
-    text += (
-      f"\nLargest update error in the second half: {worst['update']:.4f}"
-      f" ({worst['optimizer']}, step {worst['step']}).\n"
-    )
+  text = report(records, budget, rates, common.display_path(args.rates_from))
   path = common.write_results(
     "moment_error",
     {"budget": budget, "steps": args.steps, "lr": rates},
