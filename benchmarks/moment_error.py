@@ -109,7 +109,7 @@ def run(cfg: config_lib.TrainConfig, every: int) -> list[dict]:
     )
 
   batches = data_lib.PackedBatches(
-    cfg.data_dir,
+    cfg.data_source(),
     "train",
     tokenizer,
     seq_len=cfg.seq_len,

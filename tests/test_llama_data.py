@@ -236,5 +236,85 @@ def test_missing_hub_packages_are_explained_before_any_batch(monkeypatch):
     data_lib.load_tokenizer("t5-base")
   with pytest.raises(UserError, match="datasets package"):
     data_lib.PackedBatches(
-      "hf", "train", BYTES, seq_len=15, batch_size=2, seed=0
+      data_lib.HubDataset(), "train", BYTES, seq_len=15, batch_size=2, seed=0
     )
+
+
+# ----------------------------------------------------------------------------
+# --data-dir hf: the sample streamed through datasets' own local builder
+# ----------------------------------------------------------------------------
+
+HUB_SAMPLE = data_lib.HubDataset(str(SAMPLE_DIR), None)
+START = {"epoch": 0, "shard": 0, "line": 0}
+
+
+def texts(source, split="train", shuffle=False, stream=0, streams=1, epoch=0):
+  start = {**START, "epoch": epoch}
+  return [
+    text
+    for _, text in data_lib.documents(
+      source, split, 0, shuffle, start, False, stream, streams
+    )
+  ]
+
+
+def test_dataset_flag_names_a_hub_dataset_or_a_local_directory():
+  parse = data_lib.HubDataset.parse
+  assert parse("allenai/c4:en") == data_lib.HubDataset("allenai/c4", "en")
+  assert parse("wikitext") == data_lib.HubDataset("wikitext", None)
+  assert parse(str(SAMPLE_DIR), "body") == data_lib.HubDataset(
+    str(SAMPLE_DIR), None, "body"
+  )
+
+
+def test_hub_streams_split_the_documents_and_shuffle_each_epoch():
+  local = texts(str(SAMPLE_DIR))
+  assert sorted(texts(HUB_SAMPLE)) == sorted(local)
+  first, second = (
+    texts(HUB_SAMPLE, shuffle=True, stream=g, streams=2) for g in (0, 1)
+  )
+  assert sorted(first + second) == sorted(local)
+  assert not set(first) & set(second)
+  # Each epoch is another partition (datasets deals the shuffled files out).
+  later = [
+    texts(HUB_SAMPLE, shuffle=True, stream=g, streams=2, epoch=1)
+    for g in (0, 1)
+  ]
+  assert sorted(later[0] + later[1]) == sorted(local)
+  assert not set(later[0]) & set(later[1])
+  assert later[0] != first
+  assert first != [t for t in texts(HUB_SAMPLE) if t in set(first)]
+
+
+def test_hub_batches_resume_on_the_next_unseen_batch():
+  def open_batches():
+    return data_lib.PackedBatches(
+      HUB_SAMPLE, "train", BYTES, seq_len=127, batch_size=4, seed=3
+    )
+
+  batches = open_batches()
+  for _ in range(5):
+    next(batches)
+  state = json.loads(json.dumps(batches.state()))
+  expected = [next(batches) for _ in range(3)]
+  resumed = open_batches()
+  resumed.restore(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed), want)
+
+
+def test_hub_dataset_without_the_text_column_is_refused_before_any_batch():
+  source = data_lib.HubDataset(str(SAMPLE_DIR), None, "content")
+  with pytest.raises(UserError, match=r"no column 'content'.*--text-column"):
+    data_lib.PackedBatches(
+      source, "train", BYTES, seq_len=15, batch_size=2, seed=0
+    )
+
+
+def test_the_shipped_subword_tokenizer_loads_offline_and_round_trips():
+  tokenizer = data_lib.load_tokenizer(str(SAMPLE_DIR.parent / "tokenizer"))
+  assert (tokenizer.vocab_size, tokenizer.eos_id) == (4096, 1)
+  (text, *_) = texts(str(SAMPLE_DIR), "validation")
+  ids = tokenizer.encode(text)
+  assert len(ids) < len(text.encode("utf-8")) / 2
+  assert tokenizer.decode(ids) == text

@@ -173,6 +173,30 @@ def test_resume_repeats_the_uninterrupted_run_and_refuses_other_configs(
   assert sorted(p.name for p in ckpt.iterdir()) == steps
 
 
+def test_a_streamed_subword_run_resumes_bit_for_bit(tmp_path):
+  # --data-dir hf through datasets' own local builder on the shipped shards,
+  # with the subword tokenizer trained on them: no network.
+  cfg = small_run(
+    tmp_path,
+    data_dir="hf",
+    dataset=config_lib.DEFAULT_DATA_DIR,
+    tokenizer=str(ROOT / "examples" / "llama" / "tokenizer"),
+    checkpoint_dir=str(tmp_path / "ckpt"),
+    checkpoint_every=3,
+  )
+  model = small_model().replace(vocab_size=4096)
+  straight = train_lib.train(cfg, model_config=model, progress=False)
+  assert straight.summary["final_eval_loss"] < 8.3  # ln 4096 = 8.32
+  shutil.rmtree(tmp_path / "ckpt" / "6")
+  resumed = train_lib.train(
+    dataclasses.replace(cfg, resume=True), model_config=model, progress=False
+  )
+  assert losses(resumed) == losses(straight)
+  assert (
+    resumed.summary["final_eval_loss"] == straight.summary["final_eval_loss"]
+  )
+
+
 def test_resume_from_the_final_checkpoint_evaluates_into_any_out_dir(
   finished, tmp_path
 ):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import grassjax
+from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import targets as targets_lib
 from examples.llama.errors import UserError
@@ -118,10 +119,25 @@ class TrainConfig:
     0, "seed of the model init, the data order and the subspaces"
   )
   data_dir: str = _flag(
-    DEFAULT_DATA_DIR, "directory of C4-format shards, or 'hf' to stream C4"
+    DEFAULT_DATA_DIR,
+    "directory of C4-format shards, or 'hf' to stream --dataset with Hugging"
+    " Face datasets",
+  )
+  dataset: str = _flag(
+    "allenai/c4:en",
+    "with --data-dir hf: a text dataset on the Hugging Face hub, NAME[:CONFIG]"
+    " (allenai/c4:en, HuggingFaceFW/fineweb:sample-10BT), or a local directory"
+    " of data files (json, csv, parquet, text) named by split (*train*,"
+    " *validation*)",
+  )
+  text_column: str = _flag(
+    "text", "with --data-dir hf: the column of --dataset holding the text"
   )
   tokenizer: str = _flag(
-    "byte", "'byte', or a Hugging Face tokenizer such as t5-base"
+    "byte",
+    "'byte'; a Hugging Face tokenizer such as t5-base; or a directory one was"
+    " saved to, such as examples/llama/tokenizer (subwords trained on the"
+    " sample)",
   )
   seq_len: int = _flag(128, "tokens per training sequence")
   eval_every: int | None = _flag(
@@ -415,6 +431,13 @@ class TrainConfig:
     return dataclasses.replace(
       self.sized(), data_streams=self.data_streams or process_count
     )
+
+  def data_source(self) -> data_lib.Source:
+    """Where the documents come from: ``data_dir``, or ``dataset`` streamed
+    with ``datasets`` where ``data_dir`` is ``hf``."""
+    if self.data_dir != "hf":
+      return self.data_dir
+    return data_lib.HubDataset.parse(self.dataset, self.text_column)
 
   @property
   def micro_batch_size(self) -> int:

@@ -6,8 +6,9 @@ the layout of ``allenai/c4``: gzip'd JSON-lines shards
 ``c4-train.XXXXX-of-01024.json.gz`` and
 ``c4-validation.XXXXX-of-00008.json.gz``, one object with a ``"text"`` field per
 line. ``--data-dir`` is either such a directory (the shipped sample in
-``examples/llama/data/``, or real C4) or ``hf``, which streams ``allenai/c4``
-with Hugging Face ``datasets``.
+``examples/llama/data/``, or real C4) or ``hf``, which streams a
+:class:`HubDataset` (``allenai/c4`` by default, ``--dataset`` for another, on
+the hub or local) with Hugging Face ``datasets``.
 
 Documents are tokenized, each followed by EOS, concatenated, and cut into
 windows of ``seq_len + 1`` tokens (inputs and next-token labels from one
@@ -27,6 +28,7 @@ how many processes or devices share them.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import warnings
@@ -39,7 +41,36 @@ import numpy as np
 
 from examples.llama.errors import UserError
 
-HUB_DATASET = ("allenai/c4", "en")
+
+@dataclasses.dataclass(frozen=True)
+class HubDataset:
+  """A text dataset streamed with Hugging Face ``datasets``
+  (``datasets.load_dataset(path, name, split=..., streaming=True)``).
+
+  Attributes:
+    path: a dataset on the hub, such as ``allenai/c4``, or a local directory
+      of data files (JSON lines, CSV, Parquet, text, gzip'd or not) that
+      ``datasets`` reads with its own builders, its splits named by the files
+      (``*train*``, ``*validation*``), as in the shipped sample.
+    name: the dataset's configuration (C4's ``en``); None: its default.
+    text_column: the column holding each document's text.
+  """
+
+  path: str = "allenai/c4"
+  name: str | None = "en"
+  text_column: str = "text"
+
+  @classmethod
+  def parse(cls, spec: str, text_column: str = "text") -> HubDataset:
+    """``PATH[:NAME]`` (``--dataset``): a local directory as it is, anything
+    else split at its last colon into the hub's name and configuration."""
+    if Path(spec).is_dir() or ":" not in spec:
+      return cls(spec, None, text_column)
+    path, _, name = spec.rpartition(":")
+    return cls(path, name, text_column)
+
+  def __str__(self) -> str:
+    return self.path if self.name is None else f"{self.path}:{self.name}"
 
 
 class Tokenizer(Protocol):
@@ -74,7 +105,8 @@ class ByteTokenizer:
 
 class HubTokenizer:
   """A Hugging Face tokenizer (``transformers.AutoTokenizer``) seen as a
-  :class:`Tokenizer`."""
+  :class:`Tokenizer`: a name on the hub (``t5-base``) or a directory one was
+  saved to (``examples/llama/tokenizer``, which loads offline)."""
 
   def __init__(self, name: str):
     try:
@@ -90,7 +122,7 @@ class HubTokenizer:
     except Exception as err:
       raise UserError(
         f"could not load tokenizer {name!r} ({type(err).__name__}: {err}); use"
-        " --tokenizer byte to train offline."
+        " --tokenizer byte or examples/llama/tokenizer to train offline."
       ) from err
     # len() counts added tokens too (T5's 100 sentinels), so every id fits.
     self.vocab_size = max(self._tokenizer.vocab_size, len(self._tokenizer))
@@ -99,12 +131,16 @@ class HubTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode([int(i) for i in ids])
+
 
 def load_tokenizer(name: str) -> Tokenizer:
   """``"byte"``: :class:`ByteTokenizer`; anything else: a Hugging Face
-  tokenizer.
+  tokenizer, by name or directory (:class:`HubTokenizer`).
 
-  The papers used ``t5-base``.
+  The papers used ``t5-base``; ``examples/llama/tokenizer`` holds subwords
+  trained on the shipped sample (``python -m examples.llama.build_tokenizer``).
 
   Raises:
     UserError: the tokenizer cannot be loaded (no transformers, no network,
@@ -264,30 +300,38 @@ def local_documents(
     epoch, shard, line, start = epoch + 1, 0, 0, {"shard": 0, "line": 0}
 
 
-def open_hub_stream(split: str) -> Any:
-  """The ``split`` of ``allenai/c4`` as a streaming ``datasets`` dataset.
+def open_hub_stream(source: HubDataset, split: str) -> Any:
+  """The ``split`` of ``source`` as a streaming ``datasets`` dataset.
 
   Raises:
     UserError: ``datasets`` is not installed, or the stream cannot be opened
-      (network, hub), with the cause.
+      (network, hub, no such dataset or split), with the cause.
   """
   try:
     import datasets
   except ImportError as err:
     raise UserError(
-      "--data-dir hf streams C4 with the datasets package: pip install -e"
-      ' ".[hub]" (or point --data-dir at downloaded shards).'
+      "--data-dir hf streams its dataset with the datasets package: pip"
+      ' install -e ".[hub]" (or point --data-dir at downloaded shards).'
     ) from err
   try:
-    return datasets.load_dataset(*HUB_DATASET, split=split, streaming=True)
-  except Exception as err:  # network, hub, authentication, ...
+    return datasets.load_dataset(
+      source.path, source.name, split=split, streaming=True
+    )
+  except Exception as err:  # network, hub, authentication, no such split, ...
     raise UserError(
-      f"could not stream {'/'.join(HUB_DATASET)} ({type(err).__name__}: {err});"
-      " point --data-dir at downloaded shards to train offline."
+      f"could not stream the {split} split of {source} ({type(err).__name__}:"
+      f" {err}); point --data-dir at downloaded shards to train offline."
     ) from err
+
+
+# Documents the stream's shuffle buffer holds: it draws each document from
+# this many, after shuffling the order of the dataset's files.
+SHUFFLE_BUFFER = 10_000
 
 
 def hub_documents(
+  source: HubDataset,
   split: str,
   seed: int,
   shuffle: bool,
@@ -296,30 +340,55 @@ def hub_documents(
   stream: int = 0,
   streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """``allenai/c4`` streamed with ``datasets``; the position counts documents.
+  """``source`` streamed with ``datasets``; the position counts documents.
 
-  Stream ``stream`` of ``streams`` reads its share of the hub's files
-  (``datasets.distributed.split_dataset_by_node``).
+  Stream ``stream`` of ``streams`` reads its share of the dataset's files
+  (``datasets.distributed.split_dataset_by_node``: whole files where their
+  number divides by ``streams``, every ``streams``-th document otherwise).
+  Each epoch is shuffled from ``seed + epoch`` (the files' order and a buffer
+  of :data:`SHUFFLE_BUFFER` documents), so a position ``line`` resumes by
+  skipping that many documents of the same order.
+
+  Raises:
+    UserError: a record has no ``source.text_column``, or a whole epoch has no
+      document.
   """
   epoch, line = start["epoch"], start["line"]
   while True:
-    dataset = open_hub_stream(split)
+    dataset = open_hub_stream(source, split)
     if streams > 1:
       from datasets.distributed import split_dataset_by_node
 
       dataset = split_dataset_by_node(dataset, rank=stream, world_size=streams)
     if shuffle:
-      dataset = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
+      dataset = dataset.shuffle(seed=seed + epoch, buffer_size=SHUFFLE_BUFFER)
+    found = False
     for record in dataset.skip(line):
-      line += 1
-      yield {"epoch": epoch, "shard": 0, "line": line}, record["text"]
+      if source.text_column not in record:
+        raise UserError(
+          f"the {split} split of {source} has no column"
+          f" {source.text_column!r} (it has {', '.join(record)}): use"
+          " --text-column."
+        )
+      found, line = True, line + 1
+      yield (
+        {"epoch": epoch, "shard": 0, "line": line},
+        record[source.text_column],
+      )
+    if not found and line == 0:
+      raise UserError(f"the {split} split of {source} holds no documents.")
     if not repeat:
       return
     epoch, line = epoch + 1, 0
 
 
+# Where the documents come from: a directory of C4-format shards, or a
+# dataset streamed with ``datasets``.
+Source = str | Path | HubDataset
+
+
 def documents(
-  data_dir: str,
+  source: Source,
   split: str,
   seed: int,
   shuffle: bool,
@@ -328,33 +397,34 @@ def documents(
   stream: int = 0,
   streams: int = 1,
 ) -> Iterator[tuple[dict[str, int], str]]:
-  """Stream ``stream``'s documents of ``data_dir`` (a shard directory or
-  ``"hf"``)."""
-  if data_dir == "hf":
-    return hub_documents(split, seed, shuffle, start, repeat, stream, streams)
-  paths = shard_paths(data_dir, split)
+  """Stream ``stream``'s documents of ``source``."""
+  if isinstance(source, HubDataset):
+    return hub_documents(
+      source, split, seed, shuffle, start, repeat, stream, streams
+    )
+  paths = shard_paths(source, split)
   return local_documents(paths, seed, shuffle, start, repeat, stream, streams)
 
 
 def check_split(
-  data_dir: str, split: str, seed: int = 0, stream: int = 0, streams: int = 1
+  source: Source, split: str, seed: int = 0, stream: int = 0, streams: int = 1
 ) -> None:
-  """Fails now, not at the first batch, if ``split`` of ``data_dir`` is
+  """Fails now, not at the first batch, if ``split`` of ``source`` is
   unusable.
 
   Reads the local shards of stream ``stream``'s first epoch (shuffled by
-  ``seed``) up to their first usable document; opens the hub's stream.
+  ``seed``) up to their first usable document; of a streamed dataset, the
+  stream's first document in file order (a shuffled one would first fill the
+  shuffle buffer).
 
   Raises:
     UserError: no such directory, no shard of ``split``, fewer shards than
-      streams, no usable document in the stream's shards, or the hub's stream
-      cannot be opened.
+      streams, no usable document in the stream's shards; the stream cannot
+      be opened, holds no document or lacks the text column.
   """
-  if data_dir == "hf":
-    open_hub_stream(split)
-    return
+  shuffle = not isinstance(source, HubDataset)
   start = {"epoch": 0, "shard": 0, "line": 0}
-  next(documents(data_dir, split, seed, True, start, False, stream, streams))
+  next(documents(source, split, seed, shuffle, start, False, stream, streams))
 
 
 # ----------------------------------------------------------------------------
@@ -372,7 +442,7 @@ class PackedBatches:
 
   def __init__(
     self,
-    data_dir: str,
+    source: Source,
     split: str,
     tokenizer: Tokenizer,
     *,
@@ -382,14 +452,14 @@ class PackedBatches:
     stream: int = 0,
     streams: int = 1,
   ):
-    """Opens stream ``stream`` of the ``split`` of ``data_dir``.
+    """Opens stream ``stream`` of the ``split`` of ``source``.
 
     Raises:
-      UserError: ``split`` of ``data_dir`` is unusable for the stream
+      UserError: ``split`` of ``source`` is unusable for the stream
         (:func:`check_split`, here, before any training starts).
     """
-    check_split(data_dir, split, seed, stream, streams)
-    self.data_dir, self.split, self.tokenizer = data_dir, split, tokenizer
+    check_split(source, split, seed, stream, streams)
+    self.source, self.split, self.tokenizer = source, split, tokenizer
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
     self.stream, self.streams = stream, streams
     self._start({"epoch": 0, "shard": 0, "line": 0}, [])
@@ -398,7 +468,7 @@ class PackedBatches:
     self._position = dict(position)
     self._buffer = list(buffer)
     self._documents = documents(
-      self.data_dir,
+      self.source,
       self.split,
       self.seed,
       True,
@@ -470,7 +540,7 @@ class ProcessBatches:
 
   def __init__(
     self,
-    data_dir: str,
+    source: Source,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -483,7 +553,7 @@ class ProcessBatches:
     """Opens the streams of ``rows``.
 
     Args:
-      data_dir: as for :class:`PackedBatches`.
+      source: as for :class:`PackedBatches`.
       tokenizer: the tokenizer.
       seq_len: tokens per sequence (windows are one longer).
       grad_accum: micro-batches per step.
@@ -511,7 +581,7 @@ class ProcessBatches:
     self.grad_accum, self.seq_len = grad_accum, seq_len
     self._streams = {
       g: PackedBatches(
-        data_dir,
+        source,
         "train",
         tokenizer,
         seq_len=seq_len,
@@ -559,7 +629,7 @@ class ProcessBatches:
 
 
 def eval_batches(
-  data_dir: str,
+  source: Source,
   tokenizer: Tokenizer,
   *,
   seq_len: int,
@@ -577,9 +647,7 @@ def eval_batches(
   start = {"epoch": 0, "shard": 0, "line": 0}
   buffer: list[int] = []
   batches = []
-  for _, text in documents(
-    data_dir, "validation", 0, False, start, repeat=False
-  ):
+  for _, text in documents(source, "validation", 0, False, start, repeat=False):
     buffer += tokenizer.encode(text)
     buffer.append(tokenizer.eos_id)
     while len(buffer) >= needed and len(batches) < max_batches:

@@ -161,8 +161,9 @@ def train(
   cfg = cfg.resolved(jax.process_count())
   train_batch = sharding_lib.batch_sharding(mesh, batch_axis=1, ndim=3)
   batch_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
+  source = cfg.data_source()
   batches = data_lib.ProcessBatches(
-    cfg.data_dir,
+    source,
     tokenizer,
     seq_len=cfg.seq_len,
     grad_accum=cfg.grad_accum,
@@ -172,7 +173,7 @@ def train(
     rows=sharding_lib.process_rows(train_batch, batch_shape, axis=1),
   )
   eval_data = data_lib.eval_batches(
-    cfg.data_dir,
+    source,
     tokenizer,
     seq_len=cfg.seq_len,
     batch_size=cfg.micro_batch_size,
@@ -180,7 +181,7 @@ def train(
   )
   if not eval_data:
     raise UserError(
-      f"the validation data in {cfg.data_dir} holds no batch of"
+      f"the validation data of {source} holds no batch of"
       f" {cfg.micro_batch_size} x {cfg.seq_len + 1} tokens."
     )
 
