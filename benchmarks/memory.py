@@ -436,7 +436,8 @@ def scale_markdown(
       ]
     if accelerator:
       row.append("" if cpu_peak is None else cpu_peak["peak"] / GiB)
-    row += [fit_cell(r, target), r["compile_seconds"]]
+    seconds = r["compile_seconds"]
+    row += [fit_cell(r, target), "" if seconds is None else seconds]
     rows.append(row)
   return common.markdown_table(columns, rows)
 
@@ -712,6 +713,13 @@ def main(argv=None) -> None:
     target_main(args, target)
     return
   models = [m for m in args.models.split(",") if m]
+  # The CPU compiler never refuses; rows written before refusals and compile
+  # times were recorded say so now (no time: a blank cell).
+  earlier = [
+    {"refused": False, "compile_seconds": None, **r}
+    for r in common.earlier_records("memory", "cpu")
+    if "mode" in r
+  ]
 
   states = state_bytes_table(models)
   peaks = peak_step_memory(args.peak_model, args.batch_size, args.seq_len)
@@ -722,16 +730,12 @@ def main(argv=None) -> None:
       args.modes and args.modes.split(","),
     ),
     target,
-    done=[r for r in common.earlier_records("memory", "cpu") if "mode" in r],
+    done=earlier,
   )
   # The rows of the file that this run did not ask for stay.
   scale = [
     *scale,
-    *(
-      r
-      for r in common.earlier_records("memory", "cpu")
-      if "mode" in r and _key(r) not in {_key(x) for x in scale}
-    ),
+    *(r for r in earlier if _key(r) not in {_key(x) for x in scale}),
   ]
   tables = (
     "## Peak memory of the whole training step at scale (compile-only, CPU"
