@@ -12,7 +12,14 @@ of ``grassjax.OPTIMIZERS`` and AdamW, at its defaults, runs for every
 learning rate of ``--lrs`` and seed of ``--seeds``; where its best rate
 (the lowest mean final eval loss over the seeds) lies on an edge of the grid,
 the grid grows past that edge (``--max-extra-lrs`` times at most), so the
-rate each optimizer is compared at is tuned, not a bound.
+rate each optimizer is compared at is tuned, not a bound. With
+``--tune-seeds`` only those seeds sweep the rates, and the rest of ``--seeds``
+run at each optimizer's tuned rate. The comparison at the tuned rates gives
+each mean loss in bits per byte of validation text as well, which compares
+across tokenizers:
+
+    python -m benchmarks.quality --tokenizer examples/llama/tokenizer \
+      --tune-seeds 0 --results-name quality-subword
 
 ``--ablation`` adds the 16 cells of the grid in Table 1 of "Principled
 Randomized Exploration of Gradient Subspaces for Efficient LLM Training" (4
@@ -42,6 +49,7 @@ import numpy as np
 import grassjax
 from benchmarks import common
 from examples.llama import config as config_lib
+from examples.llama import data as data_lib
 from examples.llama import report as report_lib
 from examples.llama import train as train_lib
 from examples.llama.errors import NonFiniteError, UserError, reports_user_errors
@@ -235,6 +243,46 @@ def sweep(
   return records
 
 
+def tuned_runs(
+  run_one: Callable[[str, float, int], dict],
+  optimizers: Sequence[str],
+  lrs: Sequence[float],
+  max_extra: int,
+  seeds: Sequence[int],
+  tune_seeds: Sequence[int],
+) -> tuple[list[dict], dict[str, float]]:
+  """Every optimizer's runs and its tuned rate.
+
+  ``run_one(optimizer, lr, seed)`` runs ``tune_seeds`` over the rates of
+  :func:`sweep`; the rest of ``seeds`` then run at each optimizer's tuned
+  rate only, so they add to the spread at that rate without having chosen it.
+
+  Raises:
+    UserError: ``tune_seeds`` are not among ``seeds``.
+  """
+  if not set(tune_seeds) <= set(seeds):
+    raise UserError(
+      f"--tune-seeds {list(tune_seeds)} must be among --seeds {list(seeds)}."
+    )
+  records = [
+    record
+    for name in optimizers
+    for record in sweep(
+      lambda lr, name=name: [run_one(name, lr, seed) for seed in tune_seeds],
+      lrs,
+      max_extra,
+    )
+  ]
+  best = best_lrs(records)
+  records += [
+    run_one(name, lr, seed)
+    for name, lr in best.items()
+    for seed in seeds
+    if seed not in tune_seeds
+  ]
+  return records, best
+
+
 def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
   """``"yes"`` if two mean losses differ by more than twice the standard
   error of their difference (each spread taken from its seeds), else
@@ -249,8 +297,12 @@ def beyond_noise(a: Sequence[float], b: Sequence[float]) -> str:
   )
 
 
-def tables(records: Sequence[dict], best: dict[str, float]) -> str:
-  """The learning-rate grid, the comparison at the best rates, the ablation."""
+def tables(
+  records: Sequence[dict], best: dict[str, float], bytes_per_token: float
+) -> str:
+  """The learning-rate grid, the comparison at the best rates (with each mean
+  loss in bits per byte of text, ``loss / (ln 2 * bytes_per_token)``), the
+  ablation."""
   main = [r for r in records if "ablation" not in r]
   optimizers = list(best)
   lrs = sorted({r["lr"] for r in main})
@@ -279,6 +331,7 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
         f"{best[name]:g}",
         mean_std(losses),
         f"{min(losses):.4f} to {max(losses):.4f}",
+        f"{statistics.mean(losses) / (math.log(2) * bytes_per_token):.4f}",
         "" if name == "adamw" else f"{diff:+.4f}",
         "" if name == "adamw" else beyond_noise(losses, adamw),
       )
@@ -290,6 +343,7 @@ def tables(records: Sequence[dict], best: dict[str, float]) -> str:
       "best lr",
       "final eval loss",
       "range over seeds",
+      "bits per byte",
       "vs AdamW",
       "beyond seed noise",
     ),
@@ -435,6 +489,13 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--seeds", type=common.ints, default=[0, 1, 2])
   parser.add_argument(
+    "--tune-seeds",
+    type=common.ints,
+    default=None,
+    help="the seeds of --seeds that tune the rate (default: all); the others"
+    " run at each optimizer's tuned rate only",
+  )
+  parser.add_argument(
     "--optimizers",
     type=lambda x: x.split(","),
     default=list(config_lib.OPTIMIZERS),
@@ -458,18 +519,19 @@ def main(argv=None) -> None:
   if args.rates_from is not None:
     _compare_storage(args, cfg, out_dir)
     return
-  records = [
-    record
-    for optimizer in args.optimizers
-    for record in sweep(
-      lambda lr, optimizer=optimizer: [
-        run(cfg, optimizer, lr, seed, out_dir) for seed in args.seeds
-      ],
-      args.lrs,
-      args.max_extra_lrs,
-    )
-  ]
-  best = best_lrs(records)
+  tune_seeds = args.seeds if args.tune_seeds is None else args.tune_seeds
+  # Bits per byte compare losses across tokenizers.
+  ratio = data_lib.bytes_per_token(
+    cfg.data_source(), data_lib.load_tokenizer(cfg.tokenizer)
+  )
+  records, best = tuned_runs(
+    lambda name, lr, seed: run(cfg, name, lr, seed, out_dir),
+    args.optimizers,
+    args.lrs,
+    args.max_extra_lrs,
+    args.seeds,
+    tune_seeds,
+  )
   if args.ablation:
     for rule, optimizer in RULES.items():
       for ao in (False, True):
@@ -483,15 +545,21 @@ def main(argv=None) -> None:
     name: sorted({r["lr"] for r in records if r["optimizer"] == name})
     for name in best
   }
+  tuning = (
+    "" if tune_seeds == args.seeds else f", rates tuned over seeds {tune_seeds}"
+  )
   text = (
     f"Budget: {budget}; learning rates {args.lrs} (grown past an edge up to"
-    f" {args.max_extra_lrs} times), seeds {args.seeds}.\n\n"
+    f" {args.max_extra_lrs} times), seeds {args.seeds}{tuning}; tokenizer"
+    f" {cfg.tokenizer}, {ratio:.3f} bytes of validation text a token.\n\n"
   )
-  text += tables(records, best)
+  text += tables(records, best, ratio)
   meta = {
     "budget": budget,
     "lrs": grids,
     "seeds": args.seeds,
+    "tune_seeds": tune_seeds,
+    "bytes_per_token": ratio,
     "best_lr": best,
     "config": {
       **dataclasses.asdict(cfg),

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from benchmarks import quality
+from examples.llama.errors import UserError
 
 
 def _fake_runs(loss_of_lr, seeds=(0, 1, 2)):
@@ -93,7 +94,6 @@ def test_rates_from_a_results_file_of_other_settings_are_refused():
   import dataclasses
 
   from examples.llama import config as config_lib
-  from examples.llama.errors import UserError
 
   cfg = config_lib.TrainConfig(moment_dtype="8bit")
   recorded = json_config(dataclasses.replace(cfg, moment_dtype="float32"))
@@ -133,3 +133,22 @@ def test_storage_table_compares_the_same_rate_and_seeds():
     "| opt | 0.01 | 2.5000 ± 0.7071 | 1.5000 ± 0.7071 | +1.0000 | no |"
     in (table)
   )
+
+
+def test_tune_seeds_choose_the_rate_and_the_other_seeds_run_at_it_only():
+  calls = []
+
+  def run_one(name, lr, seed):
+    calls.append((lr, seed))
+    # Seed 1 alone would pick 1e-2; the rate is chosen by seed 0's 3e-3.
+    loss = _parabola(3e-3 if seed == 0 else 1e-2)(lr)
+    return {"optimizer": name, "lr": lr, "seed": seed, "final_eval_loss": loss}
+
+  records, best = quality.tuned_runs(
+    run_one, ["opt"], [1e-3, 3e-3, 1e-2], 2, seeds=[0, 1, 2], tune_seeds=[0]
+  )
+  assert best == {"opt": 3e-3}
+  assert calls == [(1e-3, 0), (3e-3, 0), (1e-2, 0), (3e-3, 1), (3e-3, 2)]
+  assert len(records) == 5
+  with pytest.raises(UserError, match="--tune-seeds"):
+    quality.tuned_runs(run_one, ["opt"], [1e-3], 0, seeds=[0], tune_seeds=[1])

@@ -318,3 +318,13 @@ def test_the_shipped_subword_tokenizer_loads_offline_and_round_trips():
   ids = tokenizer.encode(text)
   assert len(ids) < len(text.encode("utf-8")) / 2
   assert tokenizer.decode(ids) == text
+
+
+def test_bytes_per_token_counts_utf8_bytes_and_one_eos_per_document(tmp_path):
+  write_shard(
+    tmp_path / "c4-validation.00000-of-00008.json.gz",
+    [record("ab"), record("é")],  # 2 + 2 bytes; 2 + 1 and 2 + 1 tokens
+  )
+  assert data_lib.bytes_per_token(str(tmp_path), BYTES) == pytest.approx(4 / 6)
+  subwords = data_lib.load_tokenizer(str(SAMPLE_DIR.parent / "tokenizer"))
+  assert 2.5 < data_lib.bytes_per_token(str(SAMPLE_DIR), subwords) < 3.5

@@ -84,18 +84,10 @@ def main(argv=None) -> None:
   tokenizer = train_tokenizer(training_texts(args.data_dir), args.vocab_size)
   save(tokenizer, args.out_dir)
   loaded = data_lib.load_tokenizer(str(args.out_dir))
-  start = {"epoch": 0, "shard": 0, "line": 0}
-  texts = [
-    text
-    for _, text in data_lib.documents(
-      args.data_dir, "validation", 0, False, start, repeat=False
-    )
-  ]
-  tokens = sum(len(loaded.encode(t)) for t in texts)
-  size = sum(len(t.encode("utf-8")) for t in texts)
+  ratio = data_lib.bytes_per_token(args.data_dir, loaded)
   print(
-    f"wrote {args.out_dir}: {loaded.vocab_size} tokens; the validation split's"
-    f" {size:,} bytes are {tokens:,} tokens ({size / tokens:.2f} bytes a token)"
+    f"wrote {args.out_dir}: {loaded.vocab_size} tokens; {ratio:.2f} bytes a"
+    " token on the validation split (its end-of-document tokens counted)"
   )
 
 

@@ -658,3 +658,23 @@ def eval_batches(
     if len(batches) == max_batches:
       break
   return batches
+
+
+def bytes_per_token(
+  source: Source, tokenizer: Tokenizer, split: str = "validation"
+) -> float:
+  """UTF-8 bytes of ``split``'s text per token, as the pipeline packs it
+  (each document's tokens, then its end-of-document token).
+
+  A loss of ``L`` nats per token is ``L / (ln 2 * bytes_per_token)`` bits per
+  byte, which compares across tokenizers.
+
+  Raises:
+    UserError: no such split or no usable document.
+  """
+  start = {"epoch": 0, "shard": 0, "line": 0}
+  size = tokens = 0
+  for _, text in documents(source, split, 0, False, start, repeat=False):
+    size += len(text.encode("utf-8"))
+    tokens += len(tokenizer.encode(text)) + 1
+  return size / tokens
