@@ -97,18 +97,18 @@ napoleon_numpy_docstring = False
 # types are in the prose), and its field accessors are not listed again.
 napoleon_use_ivar = True
 napoleon_attr_annotations = False
-# The annotations' aliases as written, not expanded into their unions
-# (jax.typing.ArrayLike alone is a union of nine types). Not DTypeLike:
-# autodoc writes an alias inside a union by its repr, and DTypeLike's own
-# union is short.
-autodoc_type_aliases = {
+# The type aliases of the public API, written by their names rather than
+# expanded into their unions (jax.typing.ArrayLike alone is a union of nine
+# types). Not DTypeLike: autodoc writes an alias inside a union by its repr,
+# and DTypeLike's own union is short.
+TYPE_ALIASES = {
   name: name
   for name in (
-    "jax.typing.ArrayLike",
     "optax.ScalarOrSchedule",
+    "optax.Schedule",
     "optax.Params",
     "optax.Updates",
-    "optax.Schedule",
+    "jax.typing.ArrayLike",
   )
 } | {
   name: f"grassjax.{module}.{name}"
@@ -118,6 +118,8 @@ autodoc_type_aliases = {
   )
   for name in names
 }
+# Where annotations are strings (postponed evaluation), autodoc maps them.
+autodoc_type_aliases = TYPE_ALIASES
 
 add_module_names = False
 
@@ -134,5 +136,33 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   return None
 
 
+def _name_evaluated_aliases(app, what, name, obj, options, signature, retann):
+  """Writes each alias by its name in the types autodoc recorded for ``obj``.
+
+  ``grassjax.alias`` keeps its annotations objects (optax's suite reads
+  ``learning_rate``'s), which ``autodoc_type_aliases`` cannot map: autodoc
+  records them expanded, and this replaces each alias's expansion.
+  """
+  import importlib
+
+  from sphinx.util.typing import stringify_annotation
+
+  mode = "smart" if app.config.autodoc_typehints_format == "short" else None
+  expansions = {}
+  for alias in TYPE_ALIASES.values():
+    module, _, attribute = alias.rpartition(".")
+    value = getattr(importlib.import_module(module), attribute)
+    expansions[stringify_annotation(value, mode or "fully-qualified")] = alias
+  recorded = app.env.current_document.autodoc_annotations.get(name, {})
+  # The longest first: an alias's expansion may hold a shorter one's.
+  for expansion in sorted(expansions, key=len, reverse=True):
+    for parameter, text in recorded.items():
+      recorded[parameter] = text.replace(expansion, expansions[expansion])
+
+
 def setup(app):
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+  # After autodoc records the types (priority 500).
+  app.connect(
+    "autodoc-process-signature", _name_evaluated_aliases, priority=600
+  )

@@ -5,9 +5,11 @@ Builds ``docs/`` as CI and the README do (``sphinx -W``), once for the module,
 into a temporary directory.
 """
 
+import html as htmllib
 import importlib
 import inspect
 import pathlib
+import re
 import subprocess
 import sys
 import zlib
@@ -97,6 +99,15 @@ def test_the_pages_of_the_repository_are_in_the_site(html):
     assert (html / page).is_file(), page
   # The notebooks are shown with their stored outputs, plots included.
   assert "<img" in (html / "notebooks/geometry.html").read_text()
+
+
+def test_type_aliases_are_written_by_name_not_expanded(html):
+  markup = (html / "api/optimizers.html").read_text()
+  text = htmllib.unescape(re.sub(r"<[^>]+>", "", markup))
+  for alias in ("optax.ScalarOrSchedule", "grassjax.layout.MaskOrFn"):
+    assert alias in text, alias
+  # optax.ScalarOrSchedule's expansion, from annotations kept as objects.
+  assert "Callable[[Array" not in text
 
 
 def test_the_doctests_pass(tmp_path):
