@@ -550,8 +550,8 @@ def main(argv=None) -> None:
   )
   text = (
     f"Budget: {budget}; learning rates {args.lrs} (grown past an edge up to"
-    f" {args.max_extra_lrs} times), seeds {args.seeds}{tuning}; tokenizer"
-    f" {cfg.tokenizer}, {ratio:.3f} bytes of validation text a token.\n\n"
+    f" {args.max_extra_lrs} times), seeds {args.seeds}{tuning}; {ratio:.3f}"
+    " bytes of validation text a token.\n\n"
   )
   text += tables(records, best, ratio)
   meta = {
