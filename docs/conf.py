@@ -10,6 +10,8 @@ are not committed), so the relative links between them hold both on GitHub
 and here.
 """
 
+import functools
+import importlib
 import os
 import shutil
 import sys
@@ -136,6 +138,21 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   return None
 
 
+@functools.cache
+def _alias_expansions(mode: str) -> dict[str, str]:
+  """Each alias of ``TYPE_ALIASES`` as autodoc writes it expanded, mapped to
+  its name; the longest first, as an alias's expansion may hold a shorter
+  one's."""
+  from sphinx.util.typing import stringify_annotation
+
+  expansions = {}
+  for alias in TYPE_ALIASES.values():
+    module, _, attribute = alias.rpartition(".")
+    value = getattr(importlib.import_module(module), attribute)
+    expansions[stringify_annotation(value, mode)] = alias
+  return dict(sorted(expansions.items(), key=lambda e: -len(e[0])))
+
+
 def _name_evaluated_aliases(app, what, name, obj, options, signature, retann):
   """Writes each alias by its name in the types autodoc recorded for ``obj``.
 
@@ -143,21 +160,12 @@ def _name_evaluated_aliases(app, what, name, obj, options, signature, retann):
   ``learning_rate``'s), which ``autodoc_type_aliases`` cannot map: autodoc
   records them expanded, and this replaces each alias's expansion.
   """
-  import importlib
-
-  from sphinx.util.typing import stringify_annotation
-
-  mode = "smart" if app.config.autodoc_typehints_format == "short" else None
-  expansions = {}
-  for alias in TYPE_ALIASES.values():
-    module, _, attribute = alias.rpartition(".")
-    value = getattr(importlib.import_module(module), attribute)
-    expansions[stringify_annotation(value, mode or "fully-qualified")] = alias
+  short = app.config.autodoc_typehints_format == "short"
+  expansions = _alias_expansions("smart" if short else "fully-qualified")
   recorded = app.env.current_document.autodoc_annotations.get(name, {})
-  # The longest first: an alias's expansion may hold a shorter one's.
-  for expansion in sorted(expansions, key=len, reverse=True):
+  for expansion, alias in expansions.items():
     for parameter, text in recorded.items():
-      recorded[parameter] = text.replace(expansion, expansions[expansion])
+      recorded[parameter] = text.replace(expansion, alias)
 
 
 def setup(app):
