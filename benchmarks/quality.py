@@ -19,7 +19,7 @@ each mean loss in bits per byte of validation text as well, which compares
 across tokenizers:
 
     python -m benchmarks.quality --tokenizer examples/llama/tokenizer \
-      --tune-seeds 0 --results-name quality-subword
+      --tune-seeds 0 --steps 300 --results-name quality-subword
 
 ``--ablation`` adds the 16 cells of the grid in Table 1 of "Principled
 Randomized Exploration of Gradient Subspaces for Efficient LLM Training" (4
